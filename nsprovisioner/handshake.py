@@ -1,0 +1,189 @@
+"""The Parent's side of the seed's handshake, on asyncio.
+
+    Parent -> Child:       clone (nsx_clone_child)
+    Child  -> Parent:      SYNC_USERMAP_PLS    Parent writes setgroups, uid_map, gid_map
+    Parent -> Child:       SYNC_USERMAP_ACK
+    Child  -> Parent:      SYNC_RECVPID_PLS    (child pid, grandchild pid)
+    Parent -> Child:       SYNC_RECVPID_ACK
+    Child  -> Parent:      SYNC_CHILD_READY    Parent reaps the Child
+    Parent -> GrandChild:  SYNC_GRANDCHILD
+    GrandChild -> Parent:  SYNC_CHILD_READY, then EOF once the command is exec'd
+
+Any stage may send SYNC_ERROR instead; it becomes a SandboxError.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from ._nsexec import ffi, lib
+from .errors import STEP_VALUES, SandboxError
+
+MSG_SIZE = ffi.sizeof("struct nsx_msg")
+SYNC_NAMES = {value: name.removeprefix("NSX_") for value, name in
+              ffi.typeof("enum nsx_sync").elements.items()}
+STEP_TIMEOUT = 30.0  # each stage answers in milliseconds; this only catches a hang
+
+
+@dataclass
+class Message:
+    type: int
+    stage: int = 0
+    step: int = 0
+    err: int = 0
+    pids: tuple[int, int] = (0, 0)
+    detail: str = ""
+
+
+class SyncChannel:
+    """The Parent's end of one sync socket (SOCK_SEQPACKET: one record per recv)."""
+
+    def __init__(self, sock: socket.socket, peer: str) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.peer = peer
+
+    async def recv(self, step: str) -> Message | None:
+        """The next record, or None at EOF. Error records are raised."""
+        loop = asyncio.get_running_loop()
+        try:
+            data = await asyncio.wait_for(loop.sock_recv(self.sock, MSG_SIZE), STEP_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise SandboxError(f"the {self.peer} did not answer within {STEP_TIMEOUT:.0f} s",
+                               step=step) from None
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            return None
+        if len(data) != MSG_SIZE:
+            raise SandboxError(f"the {self.peer} sent a record of {len(data)} bytes", step=step)
+        raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
+        msg = Message(raw.type, raw.stage, raw.step, raw.err, (raw.pid[0], raw.pid[1]),
+                      ffi.string(raw.detail).decode(errors="replace"))
+        if msg.type == lib.NSX_SYNC_ERROR:
+            raise SandboxError.from_record(msg.stage, msg.step, msg.err, msg.detail)
+        return msg
+
+    async def expect(self, sync_type: int, step: str) -> Message:
+        msg = await self.recv(step)
+        if msg is None:
+            raise SandboxError(
+                f"the {self.peer} exited before sending {SYNC_NAMES[sync_type]}", step=step)
+        if msg.type != sync_type:
+            raise SandboxError(f"the {self.peer} sent {SYNC_NAMES.get(msg.type, msg.type)} "
+                               f"instead of {SYNC_NAMES[sync_type]}", step=step)
+        return msg
+
+    def send(self, sync_type: int) -> None:
+        buf = ffi.new("struct nsx_msg *", {"type": sync_type})
+        self.sock.send(ffi.buffer(buf))
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Handshake:
+    """What the Parent learns during the handshake, and what it must undo on failure."""
+
+    child_pid: int
+    child_pidfd: int
+    grandchild_pid: int = 0
+    grandchild_pidfd: int = -1
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def abort(self) -> None:
+        """Kill and reap whatever was started; close the pidfds."""
+        for pid, fd in ((self.child_pid, self.child_pidfd),
+                        (self.grandchild_pid, self.grandchild_pidfd)):
+            if pid <= 0:
+                continue
+            try:
+                os.kill(pid, 9) if fd < 0 else _pidfd_kill(fd)
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+            if fd >= 0:
+                os.close(fd)
+        self.child_pid = self.grandchild_pid = 0
+        self.child_pidfd = self.grandchild_pidfd = -1
+
+
+def _pidfd_kill(fd: int) -> None:
+    import signal
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _fault(fault_step: int, name: str) -> None:
+    if fault_step == STEP_VALUES[name]:
+        raise SandboxError(f"injected fault at {name}", step=name, errno=5)
+
+
+async def _reap(pid: int, pidfd: int) -> int:
+    """Wait for a process that is about to exit, without blocking the loop."""
+    loop = asyncio.get_running_loop()
+    ready = loop.create_future()
+    loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+    try:
+        await asyncio.wait_for(ready, STEP_TIMEOUT)
+    finally:
+        loop.remove_reader(pidfd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+async def run_handshake(
+    hs: Handshake,
+    child: SyncChannel,
+    grandchild: SyncChannel,
+    write_maps: Callable[[int], Awaitable[None]],
+    attach_cgroup: Callable[[int], None],
+    fault_step: int = 0,
+) -> None:
+    """Drive the Child and GrandChild from clone to exec; raises SandboxError."""
+    t0 = time.perf_counter()
+    await child.expect(lib.NSX_SYNC_USERMAP_PLS, "unshare_user")
+    _fault(fault_step, "write_id_maps")
+    await write_maps(hs.child_pid)
+    # Without CLONE_INTO_CGROUP the Child joins the cgroup now, before it
+    # can create anything that would escape it.
+    _fault(fault_step, "cgroup_attach")
+    attach_cgroup(hs.child_pid)
+    child.send(lib.NSX_SYNC_USERMAP_ACK)
+    hs.timings["usermap"] = time.perf_counter() - t0
+
+    msg = await child.expect(lib.NSX_SYNC_RECVPID_PLS, "clone_grandchild")
+    hs.grandchild_pid = msg.pids[1]
+    _fault(fault_step, "pidfd_open")
+    try:
+        hs.grandchild_pidfd = os.pidfd_open(hs.grandchild_pid)
+    except OSError as e:
+        raise SandboxError(f"pidfd_open({hs.grandchild_pid}) of the grandchild failed",
+                           step="pidfd_open", errno=e.errno or 0) from None
+    child.send(lib.NSX_SYNC_RECVPID_ACK)
+    await child.expect(lib.NSX_SYNC_CHILD_READY, "send_child_ready")
+    _fault(fault_step, "reap_child")
+    status = await _reap(hs.child_pid, hs.child_pidfd)
+    os.close(hs.child_pidfd)
+    hs.child_pid, hs.child_pidfd = 0, -1
+    if status != 0:
+        raise SandboxError(f"the child exited with status {status}", step="reap_child")
+    hs.timings["recvpid"] = time.perf_counter() - t0
+
+    grandchild.send(lib.NSX_SYNC_GRANDCHILD)
+    await grandchild.expect(lib.NSX_SYNC_CHILD_READY, "wait_grandchild")
+    # EOF: the exec (of the command, through the init when there is one)
+    # closed the last copy of the close-on-exec socket.
+    msg_or_eof = await grandchild.recv("exec")
+    if msg_or_eof is not None:
+        raise SandboxError(f"unexpected {SYNC_NAMES.get(msg_or_eof.type)} after exec",
+                           step="exec")
+    hs.timings["exec"] = time.perf_counter() - t0

@@ -1,0 +1,103 @@
+"""SandboxProcess: the sandbox's init, held by a pidfd.
+
+The init is a direct child of the caller (the GrandChild was cloned with
+CLONE_PARENT), so the caller reaps it; the pidfd makes signals and waits
+race-free against pid reuse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Callable
+from typing import IO
+
+
+class SandboxProcess:
+    """A running sandbox, like asyncio.subprocess.Process but held by a pidfd.
+
+    `returncode` is the init's exit status: the command's exit code, 128+N
+    when the command died of signal N, or -N when the init itself was killed
+    by signal N (as with subprocess).
+    """
+
+    def __init__(self, pid: int, pidfd: int, *, stdin: IO[bytes] | None = None,
+                 stdout: IO[bytes] | None = None, stderr: IO[bytes] | None = None) -> None:
+        self.pid = pid
+        self.pidfd = pidfd
+        self.returncode: int | None = None
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self._exit_callbacks: list[Callable[[SandboxProcess], None]] = []
+
+    def __repr__(self) -> str:
+        return f"<SandboxProcess pid={self.pid} returncode={self.returncode}>"
+
+    def add_exit_callback(self, callback: Callable[[SandboxProcess], None]) -> None:
+        """Run `callback(self)` once, right after the init has been reaped."""
+        if self.returncode is not None:
+            callback(self)
+        else:
+            self._exit_callbacks.append(callback)
+
+    def poll(self) -> int | None:
+        """Reap the init if it has exited; its returncode, or None."""
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            result = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
+        except ChildProcessError:
+            result = None
+            self._set_returncode(-signal.SIGKILL)  # reaped by someone else
+            return self.returncode
+        if result is None:
+            return None
+        if result.si_code == os.CLD_EXITED:
+            self._set_returncode(result.si_status)
+        else:
+            self._set_returncode(-result.si_status)
+        return self.returncode
+
+    def _set_returncode(self, code: int) -> None:
+        self.returncode = code
+        os.close(self.pidfd)
+        self.pidfd = -1
+        callbacks, self._exit_callbacks = self._exit_callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    async def wait(self) -> int:
+        """Wait for the init to exit; its returncode."""
+        while self.poll() is None:
+            loop = asyncio.get_running_loop()
+            ready = loop.create_future()
+            fd = self.pidfd
+            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
+            try:
+                await ready
+            finally:
+                loop.remove_reader(fd)
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Signal the init, which forwards the signal to the command's process group."""
+        if self.returncode is None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass  # exited; not yet reaped
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the init; the kernel then kills everything in its pid namespace."""
+        self.send_signal(signal.SIGKILL)
+
+    def close_pipes(self) -> None:
+        for stream in (self.stdin, self.stdout, self.stderr):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,135 @@
+"""SandboxSpec: the validated description of one sandbox.
+
+Everything a user can get wrong is checked here, before anything is cloned,
+and every error names the bad value. The C stages receive only what this
+module (and the planners it calls) decided.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from .errors import SandboxError
+from .idmap import IdRange, is_mapped_inside, map_inside, parse_range, validate_map
+
+# The namespaces a sandbox may have; user, pid and mount are what make it a
+# sandbox at all, so they can't be left out.
+NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup", "net")
+REQUIRED_NAMESPACES = frozenset({"user", "pid", "mount"})
+DEFAULT_NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup")
+USERS = ("self", "root")
+NETWORKS = ("host", "none")
+
+
+def _as_tuple(value: object, key: str) -> tuple[object, ...]:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise SandboxError(f"{key} must be a list, not {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class SandboxSpec:
+    """What a sandbox looks like. Invalid values raise SandboxError at once."""
+
+    user: str = "self"
+    uid_map: Sequence[object] | None = None
+    gid_map: Sequence[object] | None = None
+    namespaces: Sequence[str] = DEFAULT_NAMESPACES
+    init: bool = True
+    network: str = "host"
+    hostname: str | None = "sandbox"
+
+    # derived in __post_init__
+    uid_ranges: tuple[IdRange, ...] = field(init=False, repr=False)
+    gid_ranges: tuple[IdRange, ...] = field(init=False, repr=False)
+    uid: int = field(init=False, repr=False)
+    gid: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.user not in USERS:
+            raise SandboxError(f"user {self.user!r} is not one of {', '.join(USERS)}")
+        if not isinstance(self.init, bool):
+            raise SandboxError(f"init must be true or false, not {self.init!r}")
+        if self.network not in NETWORKS:
+            raise SandboxError(f"network {self.network!r} is not one of {', '.join(NETWORKS)}")
+        self._check_namespaces()
+        if self.hostname is not None:
+            _check_hostname(self.hostname)
+        uid_ranges = self._ranges(self.uid_map, "uid_map", os.getuid())
+        gid_ranges = self._ranges(self.gid_map, "gid_map", os.getgid())
+        object.__setattr__(self, "uid_ranges", uid_ranges)
+        object.__setattr__(self, "gid_ranges", gid_ranges)
+        object.__setattr__(self, "uid", self._identity(uid_ranges, "uid_map", os.getuid()))
+        object.__setattr__(self, "gid", self._identity(gid_ranges, "gid_map", os.getgid()))
+
+    def _check_namespaces(self) -> None:
+        names = _as_tuple(self.namespaces, "namespaces")
+        for name in names:
+            if name not in NAMESPACES:
+                raise SandboxError(
+                    f"namespaces: unknown namespace {name!r}; known: {', '.join(NAMESPACES)}"
+                )
+        missing = REQUIRED_NAMESPACES - set(names)
+        if missing:
+            raise SandboxError(f"namespaces must include {', '.join(sorted(missing))}")
+        if self.network == "none" and "net" not in names:
+            object.__setattr__(self, "namespaces", (*names, "net"))
+        elif self.network == "host" and "net" in names:
+            raise SandboxError("namespaces includes 'net' but network is 'host'; "
+                               "use network = 'none' for a private network")
+        else:
+            object.__setattr__(self, "namespaces", tuple(str(n) for n in names))
+
+    def _ranges(self, value: Sequence[object] | None, kind: str, own: int) -> tuple[IdRange, ...]:
+        if value is None:
+            inside = 0 if self.user == "root" else own
+            return (IdRange(inside, own, 1),)
+        ranges = [parse_range(v, kind) for v in _as_tuple(value, kind)]
+        validate_map(ranges, kind)
+        return tuple(ranges)
+
+    def _identity(self, ranges: tuple[IdRange, ...], kind: str, own: int) -> int:
+        """The id the command runs as inside."""
+        if self.user == "root":
+            if not is_mapped_inside(list(ranges), 0):
+                raise SandboxError(f"user 'root' needs id 0 inside, but {kind} does not map it")
+            return 0
+        inside = map_inside(list(ranges), own)
+        if inside is None:
+            raise SandboxError(
+                f"user 'self' runs as your own id {own}, but {kind} does not map it; "
+                "add it to the map or use user 'root'"
+            )
+        return inside
+
+
+def _check_hostname(name: str) -> None:
+    if not 0 < len(name) <= 64 or not all(c.isalnum() or c in "-." for c in name):
+        raise SandboxError(f"hostname {name!r} must be 1-64 letters, digits, '-' or '.'")
+
+
+def check_argv(argv: Sequence[str]) -> list[str]:
+    """The command line, rejected when empty or when it can't be passed to exec."""
+    if isinstance(argv, (str, bytes)):
+        raise SandboxError(f"argv must be a list of strings, not the string {argv!r}")
+    args = list(argv)
+    if not args:
+        raise SandboxError("argv is empty: give the command to run")
+    for arg in args:
+        if not isinstance(arg, str):
+            raise SandboxError(f"argv entry {arg!r} is not a string")
+        if "\0" in arg:
+            raise SandboxError(f"argv entry {arg!r} contains a NUL byte")
+    return args
+
+
+def check_env(env: dict[str, str]) -> list[str]:
+    """The environment as NAME=value strings, rejected where exec would mangle it."""
+    out = []
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise SandboxError(f"environment variable {key!r}={value!r} is invalid")
+        out.append(f"{key}={value}")
+    return out

@@ -1,0 +1,253 @@
+"""spawn(): start a command in a new sandbox and hand back its init.
+
+This is the Parent of the seed's diagram. It validates and builds every
+buffer the C stages need, clones the Child through csrc/nsexec.c, drives the
+handshake (handshake.py), and on any failure kills and reaps what it started
+and closes every fd it opened before raising one SandboxError.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from typing import IO, Any
+
+from ._nsexec import ffi, lib
+from .errors import STEP_VALUES, SandboxError
+from .handshake import Handshake, SyncChannel, run_handshake
+from .idmap import check_helper_map, needs_helper, write_id_maps
+from .initexe import init_memfd, init_path
+from .mounts import plan_mounts
+from .process import SandboxProcess
+from .sandbox import SandboxSpec, check_argv, check_env
+
+PIPE = subprocess.PIPE
+DEVNULL = subprocess.DEVNULL
+Stdio = int | IO[Any] | None
+
+CLONE_FLAGS = {"mount": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000,
+               "pid": 0x20000000, "net": 0x40000000}
+
+
+def resolve_command(name: str, env: Mapping[str, str]) -> str:
+    """argv[0] as a path: exec in the GrandChild can't search PATH (no malloc)."""
+    if "/" in name:
+        return name
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return name  # exec fails with ENOENT and reports it
+
+
+def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
+    path = os.path.abspath(os.fspath(cwd)) if cwd is not None else os.getcwd()
+    if "\0" in path:
+        raise SandboxError(f"cwd {path!r} contains a NUL byte")
+    if not os.path.isdir(path):
+        raise SandboxError(f"cwd {path} does not exist or is not a directory", step="chdir")
+    return path
+
+
+class _Stdio:
+    """The fds the command gets as 0, 1, 2 (and pass_fds), and what to close after."""
+
+    def __init__(self, stack: ExitStack) -> None:
+        self.stack = stack
+        self.pairs: list[tuple[int, int]] = []
+        self.parent_ends: list[IO[bytes] | None] = [None, None, None]
+        self.child_ends: list[int] = []
+
+    def add(self, dst: int, spec: Stdio) -> None:
+        if spec is None:
+            try:
+                os.fstat(dst)
+                self.pairs.append((dst, dst))
+                return
+            except OSError:
+                spec = DEVNULL
+        if spec == DEVNULL:
+            fd = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+            self.child_ends.append(fd)
+            self.pairs.append((fd, dst))
+        elif spec == PIPE:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            mine, theirs = (w, r) if dst == 0 else (r, w)
+            self.child_ends.append(theirs)
+            self.parent_ends[dst] = os.fdopen(mine, "wb" if dst == 0 else "rb", buffering=0)
+            self.pairs.append((theirs, dst))
+        elif isinstance(spec, int):
+            if spec < 0:
+                raise SandboxError(f"fd {spec} for stdio {dst} is invalid")
+            self.pairs.append((spec, dst))
+        else:
+            self.pairs.append((spec.fileno(), dst))
+
+    def close_child_ends(self) -> None:
+        for fd in self.child_ends:
+            os.close(fd)
+        self.child_ends = []
+
+    def close_parent_ends(self) -> None:
+        for end in self.parent_ends:
+            if end is not None:
+                end.close()
+
+
+class _CConfig:
+    """struct nsx_config and every buffer it points to, kept alive until the clone."""
+
+    def __init__(self) -> None:
+        self._keep: list[Any] = []
+        self.cfg = ffi.new("struct nsx_config *")
+
+    def string(self, text: str | None) -> Any:
+        if text is None:
+            return ffi.NULL
+        buf = ffi.new("char[]", text.encode())
+        self._keep.append(buf)
+        return buf
+
+    def string_array(self, items: Sequence[str]) -> Any:
+        bufs = [self.string(s) for s in items]
+        arr = ffi.new("char *[]", [*bufs, ffi.NULL])
+        self._keep.append(arr)
+        return arr
+
+    def struct_array(self, ctype: str, items: list[dict[str, Any]]) -> Any:
+        arr = ffi.new(f"{ctype}[]", max(len(items), 1))
+        for i, item in enumerate(items):
+            for key, value in item.items():
+                setattr(arr[i], key, value)
+        self._keep.append(arr)
+        return arr
+
+
+async def spawn(
+    spec: SandboxSpec,
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    stdin: Stdio = None,
+    stdout: Stdio = None,
+    stderr: Stdio = None,
+    pass_fds: Sequence[int] = (),
+    _fault_step: str | None = None,
+) -> SandboxProcess:
+    """Start `argv` in a new sandbox described by `spec`; returns once it is exec'd.
+
+    stdin/stdout/stderr: None (inherit), DEVNULL, PIPE, an fd or a file.
+    `_fault_step` (tests only) makes the named step fail.
+    """
+    if not isinstance(spec, SandboxSpec):
+        raise SandboxError(f"spec must be a SandboxSpec, not {type(spec).__name__}")
+    args = check_argv(argv)
+    environ = dict(os.environ if env is None else env)
+    envp = check_env(environ)
+    workdir = check_cwd(cwd)
+    fault = 0
+    if _fault_step is not None:
+        if _fault_step not in STEP_VALUES:
+            raise SandboxError(f"unknown fault step {_fault_step!r}")
+        fault = STEP_VALUES[_fault_step]
+    deny_setgroups = os.geteuid() != 0 and not needs_helper(list(spec.gid_ranges), os.getegid())
+    for ranges, kind, own in ((spec.uid_ranges, "uid_map", os.geteuid()),
+                              (spec.gid_ranges, "gid_map", os.getegid())):
+        if needs_helper(list(ranges), own):
+            check_helper_map(list(ranges), kind, own)
+
+    with ExitStack() as stack:
+        stdio = _Stdio(stack)
+        stack.callback(stdio.close_child_ends)
+        for dst, s in enumerate((stdin, stdout, stderr)):
+            stdio.add(dst, s)
+        for fd in pass_fds:
+            stdio.pairs.append((fd, fd))
+        sync_target = max(3, max(dst for _, dst in stdio.pairs) + 1)
+
+        if spec.init:
+            exec_path = init_path()
+            exec_fd = init_memfd()
+            exec_argv = ["nsinit", "--sync-fd", str(sync_target), "--", *args]
+        else:
+            exec_path = resolve_command(args[0], environ)
+            exec_fd = -1
+            exec_argv = args
+
+        child_parent, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        gc_parent, gc_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        stack.callback(child_end.close)
+        stack.callback(gc_end.close)
+        child = SyncChannel(child_parent, "child")
+        grandchild = SyncChannel(gc_parent, "grandchild")
+        stack.callback(child.close)
+        stack.callback(grandchild.close)
+
+        c = _CConfig()
+        cfg = c.cfg
+        cfg.child_sync_fd = child_end.fileno()
+        cfg.grandchild_sync_fd = gc_end.fileno()
+        cfg.parent_sync_fds = [child_parent.fileno(), gc_parent.fileno()]
+        cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
+        cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
+        cfg.cgroup_fd = -1
+        cfg.uid = spec.uid
+        cfg.gid = spec.gid
+        cfg.drop_groups = int(not deny_setgroups)
+        cfg.hostname = c.string(spec.hostname if "uts" in spec.namespaces else None)
+        mounts = plan_mounts()
+        cfg.mounts = c.struct_array("struct nsx_mount", [
+            {"op": m.op, "flags": m.flags, "source": c.string(m.source),
+             "target": c.string(m.target), "fstype": c.string(m.fstype),
+             "mountflags": m.mountflags, "data": c.string(m.data)} for m in mounts])
+        cfg.n_mounts = len(mounts)
+        cfg.cwd = c.string(workdir)
+        cfg.fds = c.struct_array("struct nsx_fdmap",
+                                 [{"src": s, "dst": d} for s, d in stdio.pairs])
+        cfg.n_fds = len(stdio.pairs)
+        cfg.sync_target_fd = sync_target
+        cfg.sync_keep_on_exec = int(spec.init)
+        cfg.exec_fd = exec_fd
+        cfg.exec_path = c.string(exec_path)
+        cfg.argv = c.string_array(exec_argv)
+        cfg.envp = c.string_array(envp)
+        cfg.no_new_privs = 1
+        cfg.drop_caps = 1
+        cfg.seccomp_filter = ffi.NULL
+        cfg.fault_step = fault
+
+        pidfd = ffi.new("int *")
+        into_cgroup = ffi.new("int *")
+        if fault == STEP_VALUES["clone_child"]:
+            pid = -5
+        else:
+            pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
+        if pid < 0:
+            stdio.close_parent_ends()
+            raise SandboxError("clone of the sandbox child failed", step="clone_child",
+                               errno=-pid)
+        hs = Handshake(child_pid=pid, child_pidfd=pidfd[0])
+        child_end.close()
+        gc_end.close()
+        stdio.close_child_ends()
+
+        async def write_maps(child_pid: int) -> None:
+            await write_id_maps(child_pid, list(spec.uid_ranges), list(spec.gid_ranges),
+                                deny_setgroups)
+
+        def attach_cgroup(child_pid: int) -> None:
+            return None
+
+        try:
+            await run_handshake(hs, child, grandchild, write_maps, attach_cgroup, fault)
+        except BaseException:
+            hs.abort()
+            stdio.close_parent_ends()
+            raise
+        return SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd, stdin=stdio.parent_ends[0],
+                              stdout=stdio.parent_ends[1], stderr=stdio.parent_ends[2])
+    raise AssertionError("unreachable")
