@@ -76,8 +76,6 @@ static void report_exec_failure(int sync_fd, const char *command, int err)
 {
     struct nsx_msg msg;
 
-    if (sync_fd < 0)
-        return;
     memset(&msg, 0, sizeof(msg));
     msg.type = NSX_SYNC_ERROR;
     msg.stage = NSX_STAGE_INIT;
@@ -105,8 +103,10 @@ static pid_t spawn(const struct init_args *args, const sigset_t *original)
             fcntl(args->sync_fd, F_SETFD, FD_CLOEXEC);
         execvp(args->command[0], args->command);
         err = errno;
-        report_exec_failure(args->sync_fd, args->command[0], err);
-        fprintf(stderr, "nsinit: exec %s: %s\n", args->command[0], strerror(err));
+        if (args->sync_fd >= 0)
+            report_exec_failure(args->sync_fd, args->command[0], err);
+        else
+            fprintf(stderr, "nsinit: exec %s: %s\n", args->command[0], strerror(err));
         _exit(err == ENOENT ? 127 : 126);
     }
     setpgid(pid, pid);  /* whichever of us runs first */

@@ -45,7 +45,7 @@ class SandboxError(RuntimeError):
         if errno:
             text += f": {os.strerror(errno)} ({errno_codes.errorcode.get(errno, errno)})"
         if hint:
-            text += f". {hint}"
+            text += f". {hint[0].upper()}{hint[1:]}"
         super().__init__(text)
 
     @classmethod

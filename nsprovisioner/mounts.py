@@ -4,7 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 from ._nsexec import lib
+
+if TYPE_CHECKING:
+    from .sandbox import SandboxSpec
 
 MS_NOSUID = 0x2
 MS_NODEV = 0x4
@@ -26,7 +31,7 @@ class MountOp:
     flags: int = 0
 
 
-def plan_mounts() -> list[MountOp]:
+def plan_mounts(spec: SandboxSpec, cwd: str) -> list[MountOp]:
     """Mounts for a sandbox: nothing propagates to the host; /proc shows only the sandbox."""
     return [
         MountOp(lib.NSX_MNT_MOUNT, "/", mountflags=MS_REC | MS_PRIVATE),

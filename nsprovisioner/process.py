@@ -11,7 +11,10 @@ import asyncio
 import os
 import signal
 from collections.abc import Callable
-from typing import IO
+from typing import IO, TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cgroups import SandboxCgroup
 
 
 class SandboxProcess:
@@ -23,13 +26,15 @@ class SandboxProcess:
     """
 
     def __init__(self, pid: int, pidfd: int, *, stdin: IO[bytes] | None = None,
-                 stdout: IO[bytes] | None = None, stderr: IO[bytes] | None = None) -> None:
+                 stdout: IO[bytes] | None = None, stderr: IO[bytes] | None = None,
+                 cgroup: SandboxCgroup | None = None) -> None:
         self.pid = pid
         self.pidfd = pidfd
         self.returncode: int | None = None
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
+        self.cgroup = cgroup
         self._exit_callbacks: list[Callable[[SandboxProcess], None]] = []
 
     def __repr__(self) -> str:
@@ -67,6 +72,10 @@ class SandboxProcess:
         callbacks, self._exit_callbacks = self._exit_callbacks, []
         for callback in callbacks:
             callback(self)
+        # Whatever the command left behind (daemons in other sessions can't
+        # exist: the pid namespace died with the init) goes with its cgroup.
+        if self.cgroup is not None:
+            self.cgroup.kill_and_remove()
 
     async def wait(self) -> int:
         """Wait for the init to exit; its returncode."""

@@ -21,6 +21,9 @@ REQUIRED_NAMESPACES = frozenset({"user", "pid", "mount"})
 DEFAULT_NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup")
 USERS = ("self", "root")
 NETWORKS = ("host", "none")
+SECCOMP_MODES = ("default", "off")
+DEFAULT_READWRITE = ("~", "{cwd}")
+MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 def _as_tuple(value: object, key: str) -> tuple[object, ...]:
@@ -40,18 +43,44 @@ class SandboxSpec:
     init: bool = True
     network: str = "host"
     hostname: str | None = "sandbox"
+    # the filesystem and privilege boundary (mounts.py, seccomp.py)
+    readonly_root: bool = True
+    readwrite_paths: Sequence[str] = DEFAULT_READWRITE
+    readonly_paths: Sequence[str] = ()
+    hidden_paths: Sequence[str] = ()
+    private_tmp: bool = True
+    seccomp: str = "default"
+    # resource limits (cgroups.py)
+    memory_limit: str | int | None = None
+    cpu_limit: float | None = None
+    pids_limit: int | None = None
+    cgroup_parent: str = "auto"
+    # what to do when the host can't enforce a setting: fail (True) or warn
+    strict: bool = True
 
     # derived in __post_init__
     uid_ranges: tuple[IdRange, ...] = field(init=False, repr=False)
     gid_ranges: tuple[IdRange, ...] = field(init=False, repr=False)
     uid: int = field(init=False, repr=False)
     gid: int = field(init=False, repr=False)
+    memory_bytes: int | None = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.user not in USERS:
             raise SandboxError(f"user {self.user!r} is not one of {', '.join(USERS)}")
-        if not isinstance(self.init, bool):
-            raise SandboxError(f"init must be true or false, not {self.init!r}")
+        for key in ("init", "readonly_root", "private_tmp", "strict"):
+            if not isinstance(getattr(self, key), bool):
+                raise SandboxError(f"{key} must be true or false, not {getattr(self, key)!r}")
+        if self.seccomp not in SECCOMP_MODES:
+            raise SandboxError(f"seccomp {self.seccomp!r} is not one of {', '.join(SECCOMP_MODES)}")
+        for key in ("readwrite_paths", "readonly_paths", "hidden_paths"):
+            paths = _as_tuple(getattr(self, key), key)
+            for path in paths:
+                if not isinstance(path, str) or not path or "\0" in path:
+                    raise SandboxError(f"{key} entry {path!r} must be a non-empty path")
+            object.__setattr__(self, key, paths)
+        object.__setattr__(self, "memory_bytes", parse_memory(self.memory_limit))
+        self._check_limits()
         if self.network not in NETWORKS:
             raise SandboxError(f"network {self.network!r} is not one of {', '.join(NETWORKS)}")
         self._check_namespaces()
@@ -63,6 +92,28 @@ class SandboxSpec:
         object.__setattr__(self, "gid_ranges", gid_ranges)
         object.__setattr__(self, "uid", self._identity(uid_ranges, "uid_map", os.getuid()))
         object.__setattr__(self, "gid", self._identity(gid_ranges, "gid_map", os.getgid()))
+
+    def _check_limits(self) -> None:
+        if self.cpu_limit is not None:
+            if isinstance(self.cpu_limit, bool) or not isinstance(self.cpu_limit, (int, float)):
+                raise SandboxError(f"cpu_limit {self.cpu_limit!r} must be a number of cores")
+            if not 0.01 <= self.cpu_limit <= 4096:
+                raise SandboxError(f"cpu_limit {self.cpu_limit!r} must be between 0.01 and 4096 "
+                                   "cores")
+        if self.pids_limit is not None:
+            if isinstance(self.pids_limit, bool) or not isinstance(self.pids_limit, int):
+                raise SandboxError(f"pids_limit {self.pids_limit!r} must be an integer")
+            if self.pids_limit < 1:
+                raise SandboxError(f"pids_limit {self.pids_limit!r} must be at least 1")
+        if not isinstance(self.cgroup_parent, str) or not self.cgroup_parent or (
+                self.cgroup_parent != "auto" and not self.cgroup_parent.startswith("/")):
+            raise SandboxError(f"cgroup_parent {self.cgroup_parent!r} must be 'auto' or an "
+                               "absolute cgroup path")
+
+    @property
+    def has_limits(self) -> bool:
+        return (self.memory_bytes is not None or self.cpu_limit is not None
+                or self.pids_limit is not None)
 
     def _check_namespaces(self) -> None:
         names = _as_tuple(self.namespaces, "namespaces")
@@ -103,6 +154,32 @@ class SandboxSpec:
                 "add it to the map or use user 'root'"
             )
         return inside
+
+
+def parse_memory(value: object) -> int | None:
+    """Bytes from "512M", "2G", "1.5G" or an integer; None for no limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise SandboxError(f"memory_limit {value!r} must be a size such as 512M or 2G")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str):
+        text = value.strip().upper().removesuffix("IB").removesuffix("B")
+        unit = text[-1:] if text[-1:] in MEMORY_UNITS and text[-1:] else ""
+        number = text[:-1] if unit else text
+        try:
+            size = int(float(number) * MEMORY_UNITS[unit])
+        except ValueError:
+            raise SandboxError(f"memory_limit {value!r} is not a size: use bytes or a number "
+                               "with K, M, G or T, e.g. 512M") from None
+    else:
+        raise SandboxError(f"memory_limit {value!r} must be a size such as 512M or 2G")
+    if size <= 0:
+        raise SandboxError(f"memory_limit {value!r} must be positive, e.g. 512M")
+    if size < 1024 * 1024:
+        raise SandboxError(f"memory_limit {value!r} is below 1 MiB; a kernel needs far more")
+    return size
 
 
 def _check_hostname(name: str) -> None:

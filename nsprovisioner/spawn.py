@@ -20,9 +20,11 @@ from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
+from .cgroups import SandboxCgroup, create_cgroup
 from .mounts import plan_mounts
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env
+from .seccomp import build_filter
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
@@ -136,11 +138,13 @@ async def spawn(
     stdout: Stdio = None,
     stderr: Stdio = None,
     pass_fds: Sequence[int] = (),
+    name: str | None = None,
     _fault_step: str | None = None,
 ) -> SandboxProcess:
     """Start `argv` in a new sandbox described by `spec`; returns once it is exec'd.
 
     stdin/stdout/stderr: None (inherit), DEVNULL, PIPE, an fd or a file.
+    `name` names the sandbox's cgroup (e.g. the kernel id); a random one by default.
     `_fault_step` (tests only) makes the named step fail.
     """
     if not isinstance(spec, SandboxSpec):
@@ -160,10 +164,29 @@ async def spawn(
         if needs_helper(list(ranges), own):
             check_helper_map(list(ranges), kind, own)
 
+    mounts = plan_mounts(spec, workdir)
+    seccomp_filter = build_filter(spec.seccomp, spec.strict)
+    cgroup = create_cgroup(spec, name)
+    try:
+        return await _clone_and_handshake(spec, args, envp, environ, workdir, mounts,
+                                          seccomp_filter, cgroup, fault, deny_setgroups,
+                                          (stdin, stdout, stderr), pass_fds)
+    except BaseException:
+        if cgroup is not None:
+            cgroup.kill_and_remove()
+        raise
+
+
+async def _clone_and_handshake(
+    spec: SandboxSpec, args: list[str], envp: list[str], environ: dict[str, str],
+    workdir: str, mounts: list[Any], seccomp_filter: bytes | None,
+    cgroup: SandboxCgroup | None, fault: int, deny_setgroups: bool,
+    stdio_specs: tuple[Stdio, Stdio, Stdio], pass_fds: Sequence[int],
+) -> SandboxProcess:
     with ExitStack() as stack:
         stdio = _Stdio(stack)
         stack.callback(stdio.close_child_ends)
-        for dst, s in enumerate((stdin, stdout, stderr)):
+        for dst, s in enumerate(stdio_specs):
             stdio.add(dst, s)
         for fd in pass_fds:
             stdio.pairs.append((fd, fd))
@@ -194,12 +217,11 @@ async def spawn(
         cfg.parent_sync_fds = [child_parent.fileno(), gc_parent.fileno()]
         cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
         cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
-        cfg.cgroup_fd = -1
+        cfg.cgroup_fd = cgroup.clone_fd if cgroup is not None else -1
         cfg.uid = spec.uid
         cfg.gid = spec.gid
         cfg.drop_groups = int(not deny_setgroups)
         cfg.hostname = c.string(spec.hostname if "uts" in spec.namespaces else None)
-        mounts = plan_mounts()
         cfg.mounts = c.struct_array("struct nsx_mount", [
             {"op": m.op, "flags": m.flags, "source": c.string(m.source),
              "target": c.string(m.target), "fstype": c.string(m.fstype),
@@ -217,7 +239,13 @@ async def spawn(
         cfg.envp = c.string_array(envp)
         cfg.no_new_privs = 1
         cfg.drop_caps = 1
-        cfg.seccomp_filter = ffi.NULL
+        if seccomp_filter:
+            filter_buf = ffi.from_buffer(seccomp_filter)
+            c._keep.append(filter_buf)
+            cfg.seccomp_filter = filter_buf
+            cfg.seccomp_len = len(seccomp_filter) // 8  # struct sock_filter
+        else:
+            cfg.seccomp_filter = ffi.NULL
         cfg.fault_step = fault
 
         pidfd = ffi.new("int *")
@@ -226,6 +254,11 @@ async def spawn(
             pid = -5
         else:
             pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
+            if pid < 0 and cfg.cgroup_fd >= 0:
+                # CLONE_INTO_CGROUP refused (old kernel, not delegated): join
+                # through cgroup.procs before SYNC_USERMAP_ACK instead.
+                cfg.cgroup_fd = -1
+                pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
         if pid < 0:
             stdio.close_parent_ends()
             raise SandboxError("clone of the sandbox child failed", step="clone_child",
@@ -240,7 +273,8 @@ async def spawn(
                                 deny_setgroups)
 
         def attach_cgroup(child_pid: int) -> None:
-            return None
+            if cgroup is not None:
+                cgroup.attach(child_pid, placed_by_clone=bool(into_cgroup[0]))
 
         try:
             await run_handshake(hs, child, grandchild, write_maps, attach_cgroup, fault)
@@ -248,6 +282,8 @@ async def spawn(
             hs.abort()
             stdio.close_parent_ends()
             raise
-        return SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd, stdin=stdio.parent_ends[0],
-                              stdout=stdio.parent_ends[1], stderr=stdio.parent_ends[2])
+        proc = SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd,
+                              stdin=stdio.parent_ends[0], stdout=stdio.parent_ends[1],
+                              stderr=stdio.parent_ends[2], cgroup=cgroup)
+        return proc
     raise AssertionError("unreachable")

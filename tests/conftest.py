@@ -1,0 +1,60 @@
+"""Shared test helpers: real sandboxes, and checks that nothing leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on a fresh event loop (the tests own their loops)."""
+    return asyncio.run(coro)
+
+
+def open_fds() -> set[str]:
+    """This process's open fds, as 'N -> target' strings."""
+    fds = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            fds.add(f"{name} -> {os.readlink(f'/proc/self/fd/{name}')}")
+        except FileNotFoundError:
+            pass  # the fd that listed the directory
+    return fds
+
+
+def child_processes() -> list[str]:
+    """Processes whose parent is this process (zombies included), as 'pid state comm'."""
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        comm_end = stat.rindex(")")
+        fields = stat[comm_end + 2:].split()
+        if int(fields[1]) == me:
+            found.append(f"{entry.name} {fields[0]} {stat[stat.index('(') + 1:comm_end]}")
+    return found
+
+
+@pytest.fixture
+def no_leaks() -> Iterator[None]:
+    """Fail the test if it leaves a child process, zombie or fd of this process behind."""
+    fds_before = open_fds()
+    yield
+    leaked_fds = open_fds() - fds_before
+    # pytest's own capture may open pipes; only fds that name our objects count
+    leaked_fds = {fd for fd in leaked_fds if "pytest" not in fd}
+    children = child_processes()
+    assert not children, f"leaked processes: {children}"
+    assert not leaked_fds, f"leaked fds: {leaked_fds}"
