@@ -85,14 +85,20 @@ static int wait_sync(int fd, int type)
     return 0;
 }
 
-static _Noreturn void bail(int fd, int stage, int step, const char *what,
-                           const char *path)
+/*
+ * Report a failure and exit. `grandchild` is the GrandChild's pid when the
+ * Child fails after cloning it: the Parent must reap it, and this record is
+ * the only way it learns the pid.
+ */
+static _Noreturn void bail_pid(int fd, int stage, int step, const char *what,
+                               const char *path, long grandchild)
 {
     struct nsx_msg msg;
     size_t len = 0;
 
     memset(&msg, 0, sizeof(msg));
     msg.type = NSX_SYNC_ERROR;
+    msg.pid[1] = (int32_t)grandchild;
     msg.stage = stage;
     msg.step = step;
     msg.err = errno;
@@ -103,6 +109,11 @@ static _Noreturn void bail(int fd, int stage, int step, const char *what,
     }
     send_msg(fd, &msg);
     _exit(1);
+}
+
+static _Noreturn void bail(int fd, int stage, int step, const char *what, const char *path)
+{
+    bail_pid(fd, stage, step, what, path, 0);
 }
 
 /* The test-only fault switch: pretend that this step failed with EIO. */
@@ -212,16 +223,19 @@ static int set_mount_attr(const struct nsx_mount *m)
 }
 
 /*
- * pivot_root(".", ".") stacks the old root on top of the new one; detaching
- * it leaves only the new root, with nothing of the host reachable through it.
+ * Two uses. With put_old, the staging step: the host's root moves to put_old
+ * under the new root, where the binds of the table find their sources.
+ * Without it, the final step: pivot_root(".", ".") stacks the old root on top
+ * of the new one, and detaching it leaves only the new root, with nothing of
+ * the host (nor of the staging area) reachable through it.
  */
-static int pivot_into(const char *root)
+static int pivot_into(const char *root, const char *put_old)
 {
     if (chdir(root) < 0)
         return -1;
-    if (syscall(SYS_pivot_root, ".", ".") < 0)
+    if (syscall(SYS_pivot_root, ".", put_old ? put_old : ".") < 0)
         return -1;
-    if (umount2(".", MNT_DETACH) < 0)
+    if (!put_old && umount2(".", MNT_DETACH) < 0)
         return -1;
     return chdir("/");
 }
@@ -236,14 +250,17 @@ static int run_mount_op(const struct nsx_mount *m)
     case NSX_MNT_SETATTR:
         return set_mount_attr(m);
     case NSX_MNT_MKDIR:
-        return (mkdir(m->target, 0755) < 0 && errno != EEXIST) ? -1 : 0;
+        /* the mode is exact (a hidden directory's 0111 must not become 0101) */
+        if (mkdir(m->target, m->mountflags ? (mode_t)m->mountflags : 0755) < 0)
+            return errno == EEXIST ? 0 : -1;
+        return m->mountflags ? chmod(m->target, (mode_t)m->mountflags) : 0;
     case NSX_MNT_TOUCH:
         fd = open(m->target, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
         return fd < 0 ? -1 : close(fd);
     case NSX_MNT_SYMLINK:
         return (symlink(m->source, m->target) < 0 && errno != EEXIST) ? -1 : 0;
     case NSX_MNT_PIVOT:
-        return pivot_into(m->target);
+        return pivot_into(m->target, m->source);
     case NSX_MNT_CHMOD:
         return chmod(m->target, (mode_t)m->mountflags);
     }
@@ -361,7 +378,7 @@ static void exec_program(const struct nsx_config *cfg, int exec_fd)
 
 #define STEP(step, call, what, path)                                  \
     do {                                                              \
-        if (fault(cfg, step) || (call) < 0)                           \
+        if ((call) < 0 || fault(cfg, step))                           \
             bail(fd, NSX_STAGE_GRANDCHILD, step, what, path);         \
     } while (0)
 
@@ -377,7 +394,7 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
      * before this call. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
 
-    if (fault(cfg, NSX_STEP_WAIT_GRANDCHILD) || wait_sync(fd, NSX_SYNC_GRANDCHILD) < 0) {
+    if (wait_sync(fd, NSX_SYNC_GRANDCHILD) < 0 || fault(cfg, NSX_STEP_WAIT_GRANDCHILD)) {
         if (errno == EPIPE)
             _exit(1);  /* the Parent gave up on this sandbox */
         bail(fd, NSX_STAGE_GRANDCHILD, NSX_STEP_WAIT_GRANDCHILD,
@@ -429,14 +446,14 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
 
 #define STEP(step, call, what)                                        \
     do {                                                              \
-        if (fault(cfg, step) || (call) < 0)                           \
-            bail(fd, NSX_STAGE_CHILD, step, what, NULL);              \
+        if ((call) < 0 || fault(cfg, step))                           \
+            bail_pid(fd, NSX_STAGE_CHILD, step, what, NULL, grandchild); \
     } while (0)
 
 static _Noreturn void run_child(const struct nsx_config *cfg)
 {
     int fd = cfg->child_sync_fd;
-    long grandchild;
+    long grandchild = 0;
 
     /* Our copies of the Parent's ends would hide the Parent's death. */
     close(cfg->parent_sync_fds[0]);
@@ -470,6 +487,7 @@ static _Noreturn void run_child(const struct nsx_config *cfg)
         run_grandchild(cfg);
     if (grandchild < 0)
         bail(fd, NSX_STAGE_CHILD, NSX_STEP_CLONE_GRANDCHILD, "clone the grandchild", NULL);
+    /* from here on every failure report carries the GrandChild's pid */
     close(cfg->grandchild_sync_fd);
 
     STEP(NSX_STEP_SEND_RECVPID_PLS,

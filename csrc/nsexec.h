@@ -89,14 +89,16 @@ struct nsx_msg {
     char detail[240];
 };
 
-/* Operations of the grandchild's mount table, planned by Python. */
+/* Operations of the grandchild's mount table, planned by Python (mounts.py). */
 enum nsx_mount_op {
     NSX_MNT_MOUNT = 1,      /* mount(source, target, fstype, mountflags, data) */
     NSX_MNT_SETATTR = 2,    /* mount_setattr(target, attr_set = mountflags) */
-    NSX_MNT_MKDIR = 3,      /* mkdir(target, 0755); an existing one is fine */
+    NSX_MNT_MKDIR = 3,      /* mkdir(target, mode = mountflags or 0755); an existing one
+                             * is fine */
     NSX_MNT_TOUCH = 4,      /* create an empty file target (bind-mount point) */
     NSX_MNT_SYMLINK = 5,    /* symlink(source, target) */
-    NSX_MNT_PIVOT = 6,      /* pivot_root into target, detach the old root */
+    NSX_MNT_PIVOT = 6,      /* pivot_root into target; source NULL: detach the old
+                             * root; else keep it at source (relative to target) */
     NSX_MNT_CHMOD = 7       /* chmod(target, mountflags) */
 };
 

@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -85,6 +86,32 @@ static void report_exec_failure(int sync_fd, const char *command, int err)
     send(sync_fd, &msg, sizeof(msg), MSG_NOSIGNAL);
 }
 
+/*
+ * execvp reports EACCES when some directory on PATH can't be searched, even
+ * if the command exists nowhere; report that as "not found", as shells do.
+ */
+static int exec_errno(const char *command, int err)
+{
+    const char *path = getenv("PATH");
+    char candidate[4096];
+    const char *dir, *end;
+    struct stat st;
+
+    if (err != EACCES || strchr(command, '/') || !path)
+        return err;
+    for (dir = path; ; dir = end + 1) {
+        end = strchr(dir, ':');
+        if (!end)
+            end = dir + strlen(dir);
+        snprintf(candidate, sizeof(candidate), "%.*s/%s", (int)(end - dir),
+                 end == dir ? "." : dir, command);
+        if (stat(candidate, &st) == 0)
+            return err;  /* it exists: permission really is the problem */
+        if (!*end)
+            return ENOENT;
+    }
+}
+
 /* The command leads its own process group so that an interrupt reaches the
  * processes it started too, as with LocalProvisioner's killpg. */
 static pid_t spawn(const struct init_args *args, const sigset_t *original)
@@ -102,7 +129,7 @@ static pid_t spawn(const struct init_args *args, const sigset_t *original)
         if (args->sync_fd >= 0)
             fcntl(args->sync_fd, F_SETFD, FD_CLOEXEC);
         execvp(args->command[0], args->command);
-        err = errno;
+        err = exec_errno(args->command[0], errno);
         if (args->sync_fd >= 0)
             report_exec_failure(args->sync_fd, args->command[0], err);
         else

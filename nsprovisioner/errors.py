@@ -36,12 +36,16 @@ class SandboxError(RuntimeError):
         errno: int = 0,
         stage: str | None = None,
         hint: str | None = None,
+        grandchild_pid: int = 0,
     ) -> None:
         self.step = step
         self.errno = errno
         self.stage = stage
         self.hint = hint
+        self.grandchild_pid = grandchild_pid
         text = message
+        if step and step not in message:
+            text += f" (step {step})"
         if errno:
             text += f": {os.strerror(errno)} ({errno_codes.errorcode.get(errno, errno)})"
         if hint:
@@ -49,7 +53,8 @@ class SandboxError(RuntimeError):
         super().__init__(text)
 
     @classmethod
-    def from_record(cls, stage: int, step: int, err: int, detail: str) -> SandboxError:
+    def from_record(cls, stage: int, step: int, err: int, detail: str,
+                    grandchild_pid: int = 0) -> SandboxError:
         step_name = STEP_NAMES.get(step, f"step {step}")
         stage_name = STAGES.get(stage, f"stage {stage}")
         return cls(
@@ -58,6 +63,7 @@ class SandboxError(RuntimeError):
             errno=err,
             stage=stage_name,
             hint=diagnose(step_name, err, detail),
+            grandchild_pid=grandchild_pid,
         )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -66,8 +67,23 @@ class SyncChannel:
         msg = Message(raw.type, raw.stage, raw.step, raw.err, (raw.pid[0], raw.pid[1]),
                       ffi.string(raw.detail).decode(errors="replace"))
         if msg.type == lib.NSX_SYNC_ERROR:
-            raise SandboxError.from_record(msg.stage, msg.step, msg.err, msg.detail)
+            raise SandboxError.from_record(msg.stage, msg.step, msg.err, msg.detail,
+                                           grandchild_pid=msg.pids[1])
         return msg
+
+    def raise_pending_error(self) -> None:
+        """Raise the peer's error record if one is already queued: when the
+        Parent's own step failed because the peer died, the record says why."""
+        try:
+            data = self.sock.recv(MSG_SIZE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except OSError:
+            return
+        if len(data) == MSG_SIZE:
+            raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
+            if raw.type == lib.NSX_SYNC_ERROR:
+                raise SandboxError.from_record(raw.stage, raw.step, raw.err,
+                                               ffi.string(raw.detail).decode(errors="replace"),
+                                               grandchild_pid=raw.pid[1])
 
     async def expect(self, sync_type: int, step: str) -> Message:
         msg = await self.recv(step)
@@ -79,9 +95,15 @@ class SyncChannel:
                                f"instead of {SYNC_NAMES[sync_type]}", step=step)
         return msg
 
-    def send(self, sync_type: int) -> None:
+    async def send(self, sync_type: int, step: str) -> None:
         buf = ffi.new("struct nsx_msg *", {"type": sync_type})
-        self.sock.send(ffi.buffer(buf))
+        try:
+            self.sock.send(ffi.buffer(buf))
+        except OSError:
+            # The peer is gone: its error record, if it sent one, says why.
+            await self.recv(step)
+            raise SandboxError(f"the {self.peer} exited before {SYNC_NAMES[sync_type]}",
+                               step=step) from None
 
     def close(self) -> None:
         self.sock.close()
@@ -104,7 +126,10 @@ class Handshake:
             if pid <= 0:
                 continue
             try:
-                os.kill(pid, 9) if fd < 0 else _pidfd_kill(fd)
+                if fd >= 0:
+                    _pidfd_kill(fd)
+                else:
+                    os.kill(pid, signal.SIGKILL)
                 os.waitpid(pid, 0)
             except ChildProcessError:
                 pass
@@ -115,7 +140,6 @@ class Handshake:
 
 
 def _pidfd_kill(fd: int) -> None:
-    import signal
     try:
         signal.pidfd_send_signal(fd, signal.SIGKILL)
     except ProcessLookupError:
@@ -149,15 +173,35 @@ async def run_handshake(
     fault_step: int = 0,
 ) -> None:
     """Drive the Child and GrandChild from clone to exec; raises SandboxError."""
+    try:
+        await _drive(hs, child, grandchild, write_maps, attach_cgroup, fault_step)
+    except SandboxError as e:
+        if e.grandchild_pid and not hs.grandchild_pid:
+            hs.grandchild_pid = e.grandchild_pid  # our unreaped child: its pid is stable
+        raise
+
+
+async def _drive(
+    hs: Handshake,
+    child: SyncChannel,
+    grandchild: SyncChannel,
+    write_maps: Callable[[int], Awaitable[None]],
+    attach_cgroup: Callable[[int], None],
+    fault_step: int,
+) -> None:
     t0 = time.perf_counter()
     await child.expect(lib.NSX_SYNC_USERMAP_PLS, "unshare_user")
     _fault(fault_step, "write_id_maps")
-    await write_maps(hs.child_pid)
+    try:
+        await write_maps(hs.child_pid)
+    except SandboxError:
+        child.raise_pending_error()
+        raise
     # Without CLONE_INTO_CGROUP the Child joins the cgroup now, before it
     # can create anything that would escape it.
     _fault(fault_step, "cgroup_attach")
     attach_cgroup(hs.child_pid)
-    child.send(lib.NSX_SYNC_USERMAP_ACK)
+    await child.send(lib.NSX_SYNC_USERMAP_ACK, "wait_usermap_ack")
     hs.timings["usermap"] = time.perf_counter() - t0
 
     msg = await child.expect(lib.NSX_SYNC_RECVPID_PLS, "clone_grandchild")
@@ -168,17 +212,18 @@ async def run_handshake(
     except OSError as e:
         raise SandboxError(f"pidfd_open({hs.grandchild_pid}) of the grandchild failed",
                            step="pidfd_open", errno=e.errno or 0) from None
-    child.send(lib.NSX_SYNC_RECVPID_ACK)
+    await child.send(lib.NSX_SYNC_RECVPID_ACK, "wait_recvpid_ack")
     await child.expect(lib.NSX_SYNC_CHILD_READY, "send_child_ready")
     _fault(fault_step, "reap_child")
     status = await _reap(hs.child_pid, hs.child_pidfd)
     os.close(hs.child_pidfd)
     hs.child_pid, hs.child_pidfd = 0, -1
     if status != 0:
+        child.raise_pending_error()
         raise SandboxError(f"the child exited with status {status}", step="reap_child")
     hs.timings["recvpid"] = time.perf_counter() - t0
 
-    grandchild.send(lib.NSX_SYNC_GRANDCHILD)
+    await grandchild.send(lib.NSX_SYNC_GRANDCHILD, "wait_grandchild")
     await grandchild.expect(lib.NSX_SYNC_CHILD_READY, "wait_grandchild")
     # EOF: the exec (of the command, through the init when there is one)
     # closed the last copy of the close-on-exec socket.

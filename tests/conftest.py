@@ -19,11 +19,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def open_fds() -> set[str]:
-    """This process's open fds, as 'N -> target' strings."""
+    """This process's open fds, as 'N -> target' strings (not the cached init memfd)."""
     fds = set()
     for name in os.listdir("/proc/self/fd"):
         try:
-            fds.add(f"{name} -> {os.readlink(f'/proc/self/fd/{name}')}")
+            target = os.readlink(f"/proc/self/fd/{name}")
+            if "memfd:nsinit" not in target:
+                fds.add(f"{name} -> {target}")
         except FileNotFoundError:
             pass  # the fd that listed the directory
     return fds
@@ -53,8 +55,6 @@ def no_leaks() -> Iterator[None]:
     fds_before = open_fds()
     yield
     leaked_fds = open_fds() - fds_before
-    # pytest's own capture may open pipes; only fds that name our objects count
-    leaked_fds = {fd for fd in leaked_fds if "pytest" not in fd}
     children = child_processes()
     assert not children, f"leaked processes: {children}"
     assert not leaked_fds, f"leaked fds: {leaked_fds}"
