@@ -17,6 +17,7 @@ from .spawn import spawn
 
 # verb -> module with add_arguments(parser) and main(args) -> int
 VERB_MODULES: dict[str, tuple[str, str]] = {
+    "install": ("nsprovisioner.kernelspec", "wrap an installed kernelspec in a sandbox"),
 }
 
 

@@ -1,0 +1,246 @@
+"""NamespaceProvisioner: Jupyter's kernel lifecycle, each kernel in its own sandbox.
+
+This is the Parent of the seed's diagram as Jupyter sees it. It keeps
+LocalProvisioner's lifecycle (ports, connection file, encryption keys and the
+kernel command are LocalProvisioner's pre_launch, unchanged) and replaces
+only the launcher: the kernel's argv goes through spawn(), and from then on
+the sandbox's init is held by a pidfd. Signals sent to the init reach the
+kernel's whole process group, as LocalProvisioner's killpg does.
+
+Every call runs on the Jupyter server's event loop thread, never in an
+executor: the sandbox's PR_SET_PDEATHSIG fires when the thread that cloned it
+exits, so a worker thread would take its kernels down with it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from jupyter_core.paths import jupyter_runtime_dir
+from traitlets import Bool, Float, Int, List, Unicode, Union
+
+from .errors import SandboxError
+from .kernelsandbox import (
+    CONFIG_KEYS,
+    DEFAULT_ENV_KEEP,
+    check_env_keep,
+    check_keys,
+    hide_runtime_dirs,
+    kernel_env,
+    merge_spec,
+    visible_in_sandbox,
+)
+from .process import SandboxProcess
+from .sandbox import DEFAULT_NAMESPACES, DEFAULT_READWRITE, SandboxSpec
+from .spawn import DEVNULL, spawn
+
+# The arguments jupyter_client's KernelProvisionerFactory passes besides the
+# kernelspec's options.
+_BASE_ARGUMENTS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+
+
+class NamespaceProvisioner(LocalProvisioner):
+    """Starts each kernel as the init's child in fresh Linux namespaces and its own cgroup.
+
+    Options are set in Jupyter config (`c.NamespaceProvisioner.memory_limit = "2G"`)
+    or per kernelspec in `metadata.kernel_provisioner.config`; the kernelspec wins.
+    """
+
+    user = Unicode("self", config=True,
+                   help="'self': run as your own uid/gid inside; 'root': as uid 0 (no "
+                   "capabilities outside the sandbox)")
+    uid_map = Union([List(), Unicode()], default_value=None, allow_none=True, config=True,
+                    help="uid ranges 'inside:outside:count'; more than your own id needs "
+                    "newuidmap and /etc/subuid")
+    gid_map = Union([List(), Unicode()], default_value=None, allow_none=True, config=True,
+                    help="as uid_map, for gids (/etc/subgid)")
+    namespaces = List(Unicode(), default_value=list(DEFAULT_NAMESPACES), config=True,
+                      help="namespaces to create; user, pid and mount are always needed")
+    init = Bool(True, config=True,
+                help="run the kernel under a tiny init that forwards signals and reaps "
+                "zombies; False makes the kernel itself PID 1")
+    network = Unicode("host", config=True,
+                      help="'host' shares the server's network; 'none' gives only loopback")
+    memory_limit = Union([Unicode(), Int()], default_value=None, allow_none=True, config=True,
+                         help="memory (and swap) limit, e.g. '2G'")
+    cpu_limit = Float(None, allow_none=True, config=True, help="CPU limit in cores, e.g. 1.5")
+    pids_limit = Int(None, allow_none=True, config=True, help="most processes at once")
+    readonly_root = Bool(True, config=True, help="the host's filesystem is read-only inside")
+    readwrite_paths = List(Unicode(), default_value=list(DEFAULT_READWRITE), config=True,
+                           help="writable paths; '~' and '{cwd}' are expanded")
+    readonly_paths = List(Unicode(), default_value=[], config=True, help="read-only paths")
+    hidden_paths = List(Unicode(), default_value=[], config=True,
+                        help="paths replaced by an empty, unreadable mount")
+    private_tmp = Bool(True, config=True, help="a private /tmp and /var/tmp")
+    hostname = Unicode("sandbox", allow_none=True, config=True, help="hostname inside")
+    env_keep = List(Unicode(), default_value=list(DEFAULT_ENV_KEEP), config=True,
+                    help="the server's environment variables the kernel gets (glob patterns "
+                    "such as LC_* allowed); the kernelspec's env is always passed")
+    seccomp = Unicode("default", config=True, help="'default' seccomp filter or 'off'")
+    strict = Bool(True, config=True,
+                  help="fail (True) or warn (False) when the host can't enforce a setting")
+    cgroup_parent = Unicode("auto", config=True,
+                            help="'auto' or the absolute cgroup path under which each "
+                            "kernel's cgroup is made")
+
+    def __init__(self, **kwargs: Any) -> None:
+        # The kernelspec's options arrive as constructor arguments. They are
+        # kept apart, unchecked, so that a bad one fails the kernel start
+        # with a message naming the kernelspec, instead of a TraitError
+        # from deep inside jupyter_client.
+        self.kernelspec_options = {key: kwargs.pop(key) for key in list(kwargs)
+                                   if key not in _BASE_ARGUMENTS}
+        super().__init__(**kwargs)
+        self.sandbox: SandboxProcess | None = None
+        self.spec: SandboxSpec | None = None
+        self.sandbox_pid: int | None = None
+        self.env_allowed: tuple[str, ...] = tuple(self.env_keep)
+
+    @property
+    def kernelspec_name(self) -> str:
+        name = getattr(self.parent, "kernel_name", None)
+        if not name and self.kernel_spec is not None:
+            name = os.path.basename(self.kernel_spec.resource_dir or "")
+        return str(name or "?")
+
+    def _where(self) -> tuple[str, str]:
+        resource_dir = getattr(self.kernel_spec, "resource_dir", None) or "?"
+        kernel_json = os.path.join(resource_dir, "kernel.json")
+        in_kernelspec = (f"kernelspec {self.kernelspec_name!r} ({kernel_json}) "
+                         "metadata.kernel_provisioner.config")
+        return "c.NamespaceProvisioner (Jupyter config)", in_kernelspec
+
+    def resolve_options(self) -> tuple[SandboxSpec, tuple[str, ...]]:
+        """The sandbox and env allow-list for the next launch; SandboxError names a bad value."""
+        config_where, kernelspec_where = self._where()
+        check_keys(self.kernelspec_options, kernelspec_where)
+        configured = {key: getattr(self, key) for key in CONFIG_KEYS}
+        keep = check_env_keep(configured["env_keep"], config_where)
+        if "env_keep" in self.kernelspec_options:
+            keep = check_env_keep(self.kernelspec_options["env_keep"], kernelspec_where)
+        spec = merge_spec(configured, self.kernelspec_options, config_where, kernelspec_where)
+        return spec, keep
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        """LocalProvisioner's pre_launch (connection file, ports, command), then the sandbox."""
+        # Options first: a bad one must fail before a connection file exists.
+        spec, self.env_allowed = self.resolve_options()
+        kwargs = await super().pre_launch(**kwargs)
+        km = self.parent
+        if km is not None and km.connection_file:
+            runtime_dirs = {jupyter_runtime_dir(), os.path.dirname(km.connection_file)}
+            spec = hide_runtime_dirs(spec, sorted(runtime_dirs), km.connection_file)
+        self.spec = spec
+        return kwargs
+
+    def _finalize_env(self, env: dict[str, str]) -> None:
+        super()._finalize_env(env)
+        kept = kernel_env(env, self.env_allowed, getattr(self.kernel_spec, "env", {}) or {})
+        env.clear()
+        env.update(kept)
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        """Start the kernel in a new sandbox; a SandboxError leaves no file or process behind."""
+        if self.spec is None:
+            raise SandboxError("launch_kernel called before pre_launch")
+        self.cwd = kwargs.get("cwd") or os.getcwd()
+        stdin = kwargs.get("stdin")
+        try:
+            proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
+                               stdin=DEVNULL if stdin is None else stdin,
+                               stdout=kwargs.get("stdout"), stderr=kwargs.get("stderr"),
+                               name=self.kernel_id)
+        except BaseException as e:
+            # jupyter_client calls cleanup() only after a successful start.
+            await self._discard_launch_files()
+            if isinstance(e, SandboxError):
+                self.log.error("kernel %s (%s) could not start in its sandbox: %s",
+                               self.kernel_id, self.kernelspec_name, e)
+            raise
+        proc.add_exit_callback(self._report_exit)
+        self.sandbox = proc
+        self.sandbox_pid = proc.pid
+        return self.connection_info
+
+    async def _discard_launch_files(self) -> None:
+        km = self.parent
+        if km is not None:
+            km.cleanup_connection_file()
+            km.cleanup_ipc_files()
+        await self.cleanup(restart=False)
+
+    def _report_exit(self, proc: SandboxProcess) -> None:
+        """Say so when the kernel died of its memory limit: Jupyter only sees 'dead'."""
+        oom_kill_count = getattr(proc.cgroup, "oom_kill_count", None)
+        if oom_kill_count is None:
+            return
+        try:
+            killed = oom_kill_count()
+        except OSError as e:
+            self.log.debug("kernel %s: can't read its OOM count: %s", self.kernel_id, e)
+            return
+        if killed > 0:
+            limit = self.spec.memory_bytes if self.spec is not None else None
+            self.log.warning("kernel %s was killed: out of memory (limit %s)", self.kernel_id,
+                             f"{limit // 2**20} MiB" if limit else "none set")
+
+    @property
+    def has_process(self) -> bool:
+        return self.sandbox is not None
+
+    async def poll(self) -> int | None:
+        """None while the kernel runs; else the init's exit status (128+N for signal N)."""
+        return self.sandbox.poll() if self.sandbox is not None else 0
+
+    async def wait(self) -> int | None:
+        if self.sandbox is None:
+            return 0
+        code = await self.sandbox.wait()
+        self.sandbox.close_pipes()
+        self.sandbox = None
+        return code
+
+    async def send_signal(self, signum: int) -> None:
+        """Signal the init; it forwards the signal to the kernel's process group."""
+        if self.sandbox is not None:
+            self.sandbox.send_signal(signum)
+
+    async def kill(self, restart: bool = False) -> None:
+        # SIGKILL to the init ends the pid namespace: every process inside dies.
+        await self.send_signal(signal.SIGKILL)
+
+    async def terminate(self, restart: bool = False) -> None:
+        await self.send_signal(signal.SIGTERM)
+
+    async def cleanup(self, restart: bool = False) -> None:
+        await super().cleanup(restart=restart)
+        if not restart:
+            self.ports_cached = False
+
+    def resolve_path(self, path_str: str) -> str | None:
+        """LocalProvisioner's answer, except for host paths the kernel can't see."""
+        resolved: str | None = super().resolve_path(path_str)
+        if resolved is None or self.spec is None:
+            return resolved
+        if not visible_in_sandbox(resolved, self.spec, str(self.cwd or os.getcwd())):
+            return None
+        return resolved
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info["pid"] = self.sandbox_pid
+        info["pgid"] = None  # the kernel's process group lives in its own pid namespace
+        info["kernelspec_options"] = dict(self.kernelspec_options)
+        usage = getattr(self.sandbox.cgroup if self.sandbox else None, "usage", None)
+        if usage is not None:
+            info["cgroup_usage"] = usage()
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.sandbox_pid = provisioner_info["pid"]
+        self.kernelspec_options = dict(provisioner_info.get("kernelspec_options", {}))
