@@ -214,6 +214,11 @@ async def _drive(
                            step="pidfd_open", errno=e.errno or 0) from None
     await child.send(lib.NSX_SYNC_RECVPID_ACK, "wait_recvpid_ack")
     await child.expect(lib.NSX_SYNC_CHILD_READY, "send_child_ready")
+    hs.timings["recvpid"] = time.perf_counter() - t0
+
+    # The Child is exiting now; tearing down its copy of our address space
+    # takes a while, so the GrandChild starts meanwhile and we reap after.
+    await grandchild.send(lib.NSX_SYNC_GRANDCHILD, "wait_grandchild")
     _fault(fault_step, "reap_child")
     status = await _reap(hs.child_pid, hs.child_pidfd)
     os.close(hs.child_pidfd)
@@ -221,9 +226,6 @@ async def _drive(
     if status != 0:
         child.raise_pending_error()
         raise SandboxError(f"the child exited with status {status}", step="reap_child")
-    hs.timings["recvpid"] = time.perf_counter() - t0
-
-    await grandchild.send(lib.NSX_SYNC_GRANDCHILD, "wait_grandchild")
     await grandchild.expect(lib.NSX_SYNC_CHILD_READY, "wait_grandchild")
     # EOF: the exec (of the command, through the init when there is one)
     # closed the last copy of the close-on-exec socket.

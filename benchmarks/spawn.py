@@ -1,0 +1,135 @@
+"""Startup cost of a sandbox: spawn() of /bin/true against plain and other tools.
+
+All variants run in the same process, interleaved round by round, so that a
+busy machine slows every variant alike; the report is medians and ratios to
+plain `asyncio.create_subprocess_exec('/bin/true')` measured in this run.
+
+    python benchmarks/spawn.py [--rounds 200] [--json out.json] [--plot out.png]
+
+unshare(1) comes from util-linux; bwrap from Debian's `bubblewrap` (a variant
+whose tool is missing is reported as skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from nsprovisioner import SandboxError, SandboxSpec, spawn
+
+UNSHARE = ["unshare", "--user", "--map-root-user", "--pid", "--fork", "--mount", "--ipc",
+           "--uts", "--cgroup", "true"]
+BWRAP = ["bwrap", "--unshare-user", "--unshare-pid", "--unshare-ipc", "--unshare-uts",
+         "--unshare-cgroup", "--dev-bind", "/", "/", "--proc", "/proc", "true"]
+
+
+async def run_exec(argv: list[str]) -> None:
+    proc = await asyncio.create_subprocess_exec(*argv)
+    if await proc.wait() != 0:
+        raise RuntimeError(f"{argv[0]} failed")
+
+
+async def run_sandbox(spec: SandboxSpec) -> None:
+    proc = await spawn(spec, ["/bin/true"])
+    if await proc.wait() != 0:
+        raise RuntimeError("sandboxed /bin/true failed")
+
+
+def variants() -> dict[str, Callable[[], Awaitable[None]] | str]:
+    """name -> coroutine factory, or the reason the variant is skipped."""
+    found: dict[str, Callable[[], Awaitable[None]] | str] = {
+        "plain": lambda: run_exec(["/bin/true"]),
+        "nsprovisioner": lambda: run_sandbox(SandboxSpec()),
+    }
+    try:
+        limited = SandboxSpec(memory_limit="256M", pids_limit=64, cpu_limit=1.0)
+        asyncio.run(run_sandbox(limited))
+        found["nsprovisioner+limits"] = lambda: run_sandbox(limited)
+    except SandboxError as e:
+        found["nsprovisioner+limits"] = f"skipped: {e}"
+    for name, argv in (("unshare", UNSHARE), ("bwrap", BWRAP)):
+        found[name] = ((lambda argv=argv: run_exec(argv)) if shutil.which(argv[0])
+                       else f"skipped: {argv[0]} is not installed")
+    return found
+
+
+async def measure(runs: dict[str, Callable[[], Awaitable[None]]],
+                  rounds: int) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, run in runs.items():  # warm-up: page cache, the init's memfd
+        await run()
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            await run()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def report(times: dict[str, list[float]], skipped: dict[str, str]) -> dict[str, object]:
+    base = statistics.median(times["plain"])
+    rows: dict[str, object] = {}
+    print(f"{'variant':<22}{'median ms':>11}{'p90 ms':>9}{'x plain':>9}{'overhead ms':>13}")
+    for name, samples in times.items():
+        med = statistics.median(samples)
+        p90 = statistics.quantiles(samples, n=10)[-1]
+        rows[name] = {"median_s": med, "p90_s": p90, "ratio": med / base,
+                      "overhead_s": med - base}
+        print(f"{name:<22}{med * 1e3:>11.2f}{p90 * 1e3:>9.2f}{med / base:>9.2f}"
+              f"{(med - base) * 1e3:>13.2f}")
+    for name, why in skipped.items():
+        print(f"{name:<22}{why}")
+        rows[name] = {"skipped": why}
+    ours = times["nsprovisioner"]
+    overhead = statistics.median(ours) - base
+    for tool, limit in (("unshare", 1.0), ("bwrap", 0.5)):
+        if tool in times:
+            theirs = statistics.median(times[tool]) - base
+            verdict = "met" if overhead <= limit * theirs else "NOT met"
+            print(f"target: overhead <= {limit:g} x {tool}'s ({overhead * 1e3:.2f} ms vs "
+                  f"{theirs * 1e3:.2f} ms): {verdict}")
+    return rows
+
+
+def plot(times: dict[str, list[float]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(times)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.boxplot([[t * 1e3 for t in times[n]] for n in names], showfliers=False)
+    ax.set_xticks(range(1, len(names) + 1), names, rotation=15)
+    ax.set_ylabel("start to exit of /bin/true (ms)")
+    ax.set_title("Sandbox startup cost (same run, interleaved)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--plot", type=Path, help="write a PNG box plot here (needs matplotlib)")
+    args = parser.parse_args()
+    found = variants()
+    runs = {n: v for n, v in found.items() if not isinstance(v, str)}
+    skipped = {n: v for n, v in found.items() if isinstance(v, str)}
+    times = asyncio.run(measure(runs, args.rounds))
+    rows = report(times, skipped)
+    if args.json:
+        args.json.write_text(json.dumps({"rounds": args.rounds, "variants": rows}, indent=2))
+    if args.plot:
+        plot(times, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Set up a fresh Debian machine and run the whole test suite twice: as root,
+# and as a throw-away unprivileged user (the rootless path most people use).
+# Run as root (CI does: .ci/run runs exactly this).
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+export VENV=${VENV:-/opt/nsprovisioner-venv}
+if [ "$(id -u)" -ne 0 ]; then
+    echo "test-all.sh sets up packages, a test user and cgroups: run it as root (sudo)" >&2
+    exit 1
+fi
+bash "$REPO/scripts/setup-host.sh"
+
+# The tests run from a copy outside the source tree, so that they import the
+# installed package, and so that the test user can read them.
+WORK=$(mktemp -d /tmp/nsprov-tests.XXXXXX)
+TEST_USER="nsprovci$$"
+cleanup() {
+    pkill -KILL -u "$TEST_USER" 2>/dev/null || true
+    userdel -r "$TEST_USER" >/dev/null 2>&1 || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+cp -r "$REPO/tests" "$REPO/notebooks" "$WORK/" 2>/dev/null || cp -r "$REPO/tests" "$WORK/"
+cp "$REPO/pyproject.toml" "$WORK/"
+chmod -R a+rX "$WORK"
+
+echo "== static checks"
+(cd "$REPO" && "$VENV/bin/ruff" check nsprovisioner tests benchmarks && "$VENV/bin/mypy" --strict nsprovisioner)
+
+echo "== tests as root"
+status=0
+(cd "$WORK" && "$VENV/bin/python" -m pytest tests -q -p no:cacheprovider) || status=1
+
+echo "== tests as the unprivileged user $TEST_USER"
+useradd --create-home --shell /bin/bash "$TEST_USER"
+grep -q "^$TEST_USER:" /etc/subuid || usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$TEST_USER"
+chown -R "$TEST_USER" "$WORK"
+# This subshell moves itself into cgroups delegated to the test user (as
+# systemd's Delegate=yes does), so the user's tests find them writable.
+(
+    if [ -f "$WORK/tests/delegate_cgroups.sh" ]; then
+        bash "$WORK/tests/delegate_cgroups.sh" "$TEST_USER" "$BASHPID"
+    fi
+    exec runuser -u "$TEST_USER" -- env -i HOME="/home/$TEST_USER" USER="$TEST_USER" \
+        LANG=C.UTF-8 PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" \
+        bash -c "cd '$WORK' && exec python -m pytest tests -q -p no:cacheprovider"
+) || status=1
+exit $status
