@@ -47,8 +47,9 @@ def sys_err(rc):
 """
 
 
-async def probe_async(spec: SandboxSpec, script: str, **kwargs: Any) -> dict[str, Any]:
-    argv = [sys.executable, "-c", PRELUDE + textwrap.dedent(script) + "\nprint(json.dumps(out))"]
+async def probe_async(spec: SandboxSpec, *scripts: str, **kwargs: Any) -> dict[str, Any]:
+    code = "".join(textwrap.dedent(s) + "\n" for s in (PRELUDE, *scripts))
+    argv = [sys.executable, "-c", code + "print(json.dumps(out))"]
     proc = await spawn(spec, argv, stdout=PIPE, stderr=PIPE, **kwargs)
     assert proc.stdout is not None and proc.stderr is not None
     out, errs = await asyncio.gather(asyncio.to_thread(proc.stdout.read),
@@ -61,9 +62,9 @@ async def probe_async(spec: SandboxSpec, script: str, **kwargs: Any) -> dict[str
     return result
 
 
-def probe(spec: SandboxSpec, script: str, **kwargs: Any) -> dict[str, Any]:
-    """Run `script` (which fills the dict `out`) in a sandbox; `out` as seen outside."""
-    return run(probe_async(spec, script, **kwargs))
+def probe(spec: SandboxSpec, *scripts: str, **kwargs: Any) -> dict[str, Any]:
+    """Run the scripts (which fill the dict `out`) in a sandbox; `out` as seen outside."""
+    return run(probe_async(spec, *scripts, **kwargs))
 
 
 @pytest.fixture
