@@ -36,6 +36,7 @@
 #endif
 
 #define NSX_MAX_FDS 64
+#define NSX_GRANDCHILD_STACK (64 * 1024)
 
 /* ---- talking to the Parent --------------------------------------------- */
 
@@ -450,8 +451,14 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
             bail_pid(fd, NSX_STAGE_CHILD, step, what, NULL, grandchild); \
     } while (0)
 
+static int grandchild_main(void *cfg)
+{
+    run_grandchild(cfg);
+}
+
 static _Noreturn void run_child(const struct nsx_config *cfg)
 {
+    char grandchild_stack[NSX_GRANDCHILD_STACK] __attribute__((aligned(16)));
     int fd = cfg->child_sync_fd;
     long grandchild = 0;
 
@@ -477,14 +484,18 @@ static _Noreturn void run_child(const struct nsx_config *cfg)
     STEP(NSX_STEP_UNSHARE_NAMESPACES, unshare(cfg->unshare_flags),
          "unshare the pid, mount, ipc, uts and net namespaces");
 
-    /* CLONE_PARENT: the GrandChild is the Parent's child, which can hold a
-     * pidfd on it and reap it, while the new pid namespace makes it PID 1. */
+    /*
+     * CLONE_PARENT: the GrandChild is the Parent's child, which can hold a
+     * pidfd on it and reap it, while the new pid namespace makes it PID 1.
+     * CLONE_VM: it shares our copy of the server's memory instead of making
+     * a second one (we only exit from here on), and runs on its own stack,
+     * which lives in this frame because this function never returns.
+     */
     if (fault(cfg, NSX_STEP_CLONE_GRANDCHILD))
         grandchild = -1;
     else
-        grandchild = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
-    if (grandchild == 0)
-        run_grandchild(cfg);
+        grandchild = clone(grandchild_main, grandchild_stack + sizeof(grandchild_stack),
+                           CLONE_PARENT | CLONE_VM | SIGCHLD, (void *)cfg);
     if (grandchild < 0)
         bail(fd, NSX_STAGE_CHILD, NSX_STEP_CLONE_GRANDCHILD, "clone the grandchild", NULL);
     /* from here on every failure report carries the GrandChild's pid */

@@ -28,7 +28,9 @@ from .errors import STEP_VALUES, SandboxError
 MSG_SIZE = ffi.sizeof("struct nsx_msg")
 SYNC_NAMES = {value: name.removeprefix("NSX_") for value, name in
               ffi.typeof("enum nsx_sync").elements.items()}
-STEP_TIMEOUT = 30.0  # each stage answers in milliseconds; this only catches a hang
+# Each stage answers in milliseconds; this only catches a hang (e.g. a stuck
+# newuidmap or a frozen cgroup), which is reported instead of waited out.
+HANDSHAKE_TIMEOUT = 30.0
 
 
 @dataclass
@@ -53,10 +55,7 @@ class SyncChannel:
         """The next record, or None at EOF. Error records are raised."""
         loop = asyncio.get_running_loop()
         try:
-            data = await asyncio.wait_for(loop.sock_recv(self.sock, MSG_SIZE), STEP_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise SandboxError(f"the {self.peer} did not answer within {STEP_TIMEOUT:.0f} s",
-                               step=step) from None
+            data = await loop.sock_recv(self.sock, MSG_SIZE)
         except ConnectionResetError:
             data = b""
         if not data:
@@ -157,7 +156,7 @@ async def _reap(pid: int, pidfd: int) -> int:
     ready = loop.create_future()
     loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
     try:
-        await asyncio.wait_for(ready, STEP_TIMEOUT)
+        await ready
     finally:
         loop.remove_reader(pidfd)
     _, status = os.waitpid(pid, 0)
@@ -174,7 +173,12 @@ async def run_handshake(
 ) -> None:
     """Drive the Child and GrandChild from clone to exec; raises SandboxError."""
     try:
-        await _drive(hs, child, grandchild, write_maps, attach_cgroup, fault_step)
+        await asyncio.wait_for(
+            _drive(hs, child, grandchild, write_maps, attach_cgroup, fault_step),
+            HANDSHAKE_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise SandboxError(f"the sandbox did not start within {HANDSHAKE_TIMEOUT:.0f} s",
+                           step="handshake") from None
     except SandboxError as e:
         if e.grandchild_pid and not hs.grandchild_pid:
             hs.grandchild_pid = e.grandchild_pid  # our unreaped child: its pid is stable

@@ -370,7 +370,8 @@ def test_command_not_found_and_not_executable(init: bool, no_leaks: None,
     script = tmp_path / "not-executable"
     script.write_text("#!/bin/sh\n")
     with pytest.raises(SandboxError, match="Permission denied|not executable"):
-        run(spawn(SandboxSpec(init=init), [str(script)]))
+        # the host's /tmp, where pytest's tmp_path lives, so the script is visible
+        run(spawn(SandboxSpec(init=init, private_tmp=False), [str(script)]))
 
 
 def test_bad_cwd_is_named(no_leaks: None) -> None:
