@@ -1,24 +1,377 @@
-"""A cgroup per sandbox (placeholder until the resource-limits issue lands)."""
+"""A cgroup per sandbox: where it goes, its limits, and sweeping leftovers.
+
+Layout, in every hierarchy used (v2, and each v1 hierarchy that carries a
+limit or accounting):
+
+    <parent>/nsprov-<uid>-<pid>-<starttime>-<pidns>/   one per server process
+        <name>/                                       one per sandbox (kernel id)
+        nsprov-server/                                the server itself, only when
+                                                      v2 made it leave <parent>
+
+<parent> is cgroup_parent, or for "auto" the caller's own cgroup. The
+server's identity is in the group's name because cgroupfs holds no files of
+ours: the sweep can tell from the name alone whether the server that made a
+group is dead (the start time guards against a reused pid, the pid
+namespace against judging a pid it can't see).
+"""
 
 from __future__ import annotations
 
+import errno
+import logging
+import os
+import re
+import secrets
 from typing import TYPE_CHECKING
+
+from .cgroup_limits import Unenforced, fix_for, limit_values, write_limits
+from .cgroupfs import CgroupHost, Hierarchy, pid_namespace_id, process_start_time, read_pids
+from .errors import SandboxError
+from .sandbox_cgroup import CgroupDir, SandboxCgroup, group_lock
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
 
+__all__ = ["SandboxCgroup", "create_cgroup", "sweep_stale_cgroups"]
 
-class SandboxCgroup:
-    """The cgroup(s) of one sandbox."""
+log = logging.getLogger(__name__)
 
-    clone_fd: int = -1  # a cgroup v2 directory fd for CLONE_INTO_CGROUP, or -1
-
-    def attach(self, pid: int, *, placed_by_clone: bool) -> None:
-        """Move the Child into the cgroup (the parts clone3 did not do)."""
-
-    def kill_and_remove(self) -> None:
-        """Kill everything left inside and remove the cgroup; idempotent."""
+GROUP_PREFIX = "nsprov-"
+SERVER_LEAF = "nsprov-server"
+GROUP_RE = re.compile(r"nsprov-(\d+)-(\d+)-(\d+)-(\d+)")
+# Read only for the memory and pids numbers in usage(); never a reason to fail.
+ACCOUNTING = ("memory", "pids")
 
 
-def create_cgroup(spec: SandboxSpec, name: str | None) -> SandboxCgroup | None:
-    return None
+def group_name(pid: int | None = None) -> str:
+    """The name of the per-server group directory of `pid` (default: this process)."""
+    pid = os.getpid() if pid is None else pid
+    return f"{GROUP_PREFIX}{os.geteuid()}-{pid}-{process_start_time(pid)}-{pid_namespace_id()}"
+
+
+def sandbox_dir_name(name: str | None) -> str:
+    """A directory name from the kernel id: letters, digits, '-' and '_' only."""
+    if not name:
+        return f"sandbox-{secrets.token_hex(6)}"
+    clean = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:100]
+    return clean if clean != SERVER_LEAF else f"{clean}_"
+
+
+def parent_directory(h: Hierarchy, cgroup_parent: str) -> str | None:
+    """Where the groups go in hierarchy `h`, or None when the caller's cgroup is unseen."""
+    if cgroup_parent != "auto":
+        return h.directory(cgroup_parent)
+    if h.own_path is None:
+        return None
+    own = h.directory(h.own_path)
+    if own is None:
+        return None
+    # An earlier sandbox moved the server into its own leaf: the parent is
+    # still the cgroup the server started in.
+    group = os.path.dirname(own)
+    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group) == group_name():
+        return os.path.dirname(group)
+    return own
+
+
+def create_cgroup(spec: SandboxSpec, name: str | None, *,
+                  host: CgroupHost | None = None) -> SandboxCgroup | None:
+    """The cgroup of a new sandbox, with spec's limits written; None where none can be made.
+
+    A limit that can't be enforced raises SandboxError when spec.strict, and
+    is one warning otherwise. Without limits nothing here ever fails a start.
+    """
+    host = CgroupHost.detect() if host is None else host
+    builder = _Builder(host, spec, sandbox_dir_name(name))
+    with group_lock:
+        try:
+            builder.build()
+        except BaseException:
+            builder.cgroup().kill_and_remove()
+            raise
+    cgroup = builder.cgroup()
+    if builder.problems:
+        report = "; ".join(p.describe() for p in builder.problems)
+        if spec.strict:
+            cgroup.kill_and_remove()
+            raise SandboxError(f"resource limits can't be enforced: {report}",
+                               hint="or set strict = false (--no-strict) to start without "
+                               "the limits the host can't enforce")
+        log.warning("starting the sandbox without some limits: %s", report)
+    if not cgroup.dirs:
+        cgroup.kill_and_remove()
+        return None
+    return cgroup
+
+
+class _Builder:
+    """Makes one sandbox's directories; collects the limits it could not enforce."""
+
+    def __init__(self, host: CgroupHost, spec: SandboxSpec, name: str) -> None:
+        self.host = host
+        self.spec = spec
+        self.name = name
+        self.group = group_name()
+        self.limits = limit_values(spec)
+        self.problems: list[Unenforced] = []
+        self.dirs: list[CgroupDir] = []
+        self.group_dirs: list[str] = []
+        self.clone_fd = -1
+
+    def cgroup(self) -> SandboxCgroup:
+        return SandboxCgroup(self.host, self.dirs, self.group_dirs, clone_fd=self.clone_fd,
+                             strict=self.spec.strict)
+
+    def unenforced(self, controllers: set[str] | frozenset[str], path: str, reason: str,
+                   fix: str, err: int = 0) -> None:
+        for c in sorted(controllers & self.limits.keys()):
+            self.problems.append(Unenforced(c, path, reason, fix, err))
+
+    def build(self) -> None:
+        v2 = self.host.v2
+        on_v2 = {c for c in self.limits if v2 is not None and c in v2.controllers}
+        if v2 is not None:
+            self.build_v2(v2, on_v2)
+        for c in sorted(self.limits.keys() - on_v2):
+            if self.host.v1_for(c) is None:
+                where = f"cgroup2 at {v2.mount} lacks it and " if v2 else ""
+                self.unenforced({c}, v2.mount if v2 else "/sys/fs/cgroup",
+                                f"no mounted hierarchy has the {c} controller "
+                                f"({where}no cgroup v1 hierarchy binds it)",
+                                fix_for("absent", c, ""))
+        for h in self.host.v1:
+            limited = (self.limits.keys() - on_v2) & h.controllers
+            useful = h.controllers & {"memory", "pids", "cpuacct"}
+            if "freezer" in h.controllers and not any(d.version == 2 for d in self.dirs):
+                useful = useful | {"freezer"}  # the only clean kill without cgroup v2
+            if limited or useful:
+                self.build_v1(h, limited)
+
+    def parent(self, h: Hierarchy, controllers: set[str] | frozenset[str]) -> str | None:
+        parent = parent_directory(h, self.spec.cgroup_parent)
+        if parent is None:
+            self.unenforced(controllers, h.mount,
+                            f"the server's own cgroup is not visible in {h.mount} (mounted "
+                            "from another cgroup namespace)", fix_for("parent", "", h.mount))
+        return parent
+
+    def make_group(self, h: Hierarchy, parent: str,
+                   controllers: set[str] | frozenset[str]) -> str | None:
+        """<parent>/<group>; None (and the problems noted) when it can't be made."""
+        group = os.path.join(parent, self.group)
+        try:
+            if self.spec.cgroup_parent != "auto" and not self.host.exists(parent):
+                self.make_parents(h, parent)
+            if not self.host.exists(group):
+                self.host.make_dir(group)
+        except OSError as e:
+            self.cant_make(h, e, group, parent, controllers)
+            return None
+        self.group_dirs.append(group)
+        return group
+
+    def make_sandbox(self, h: Hierarchy, group: str,
+                     controllers: set[str] | frozenset[str]) -> str | None:
+        """<group>/<name>; None (and the problems noted) when it can't be made."""
+        path = os.path.join(group, self.name)
+        if self.host.exists(path):  # a restart whose old cgroup is still going away
+            path = f"{path}-{secrets.token_hex(3)}"
+        try:
+            self.host.make_dir(path)
+        except OSError as e:
+            self.cant_make(h, e, path, group, controllers)
+            return None
+        return path
+
+    def cant_make(self, h: Hierarchy, e: OSError, path: str, parent: str,
+                  controllers: set[str] | frozenset[str]) -> None:
+        failed = e.filename if isinstance(e.filename, str) else path
+        self.unenforced(controllers, failed, f"the cgroup {failed} can't be created",
+                        fix_for("writable", "", parent), e.errno or 0)
+        log.debug("no %s cgroup for the sandbox: %s", h.label, e)
+
+    def make_parents(self, h: Hierarchy, parent: str) -> None:
+        """A configured cgroup_parent that does not exist yet: made, controllers enabled."""
+        missing = []
+        while not self.host.exists(parent) and parent != h.mount:
+            missing.append(parent)
+            parent = os.path.dirname(parent)
+        for path in reversed(missing):
+            if h.version == 2:
+                self.enable(parent, set(self.limits) & h.controllers)
+            self.host.make_dir(path)
+            parent = path
+
+    def enable(self, parent: str, controllers: set[str]) -> set[str]:
+        """Enable controllers for parent's children; those that failed (problems noted)."""
+        control = os.path.join(parent, "cgroup.subtree_control")
+        try:
+            enabled = set(self.host.read(control).split())
+        except OSError as e:
+            self.unenforced(controllers, parent, f"{control} can't be read",
+                            fix_for("writable", "", parent), e.errno or 0)
+            return controllers
+        failed = set()
+        for c in sorted(controllers - enabled):
+            try:
+                self.host.write(control, f"+{c}")
+            except OSError as e:
+                if e.errno == errno.EBUSY and self.leave(parent):
+                    try:
+                        self.host.write(control, f"+{c}")
+                        continue
+                    except OSError as again:
+                        e = again
+                failed.add(c)
+                self.enable_failed(parent, c, e)
+        return failed
+
+    def enable_failed(self, parent: str, c: str, e: OSError) -> None:
+        if e.errno == errno.EBUSY:
+            others = read_pids(self.host, parent)
+            shown = " ".join(map(str, others[:5])) + (" ..." if len(others) > 5 else "")
+            self.unenforced({c}, parent, f"{parent} holds processes ({shown}) and cgroup v2 "
+                            "enables controllers only for the children of a cgroup without "
+                            "processes (the no-internal-processes rule)",
+                            fix_for("busy", c, parent))
+        elif e.errno == errno.ENOENT:
+            self.unenforced({c}, parent, f"the {c} controller is not delegated to {parent}",
+                            fix_for("delegate", c, parent))
+        else:
+            self.unenforced({c}, parent, f"the {c} controller can't be enabled in "
+                            f"{parent}/cgroup.subtree_control", fix_for("writable", c, parent),
+                            e.errno or 0)
+
+    def leave(self, parent: str) -> bool:
+        """Move the server out of `parent` into its own leaf; whether it was there."""
+        if os.getpid() not in read_pids(self.host, parent):
+            return False
+        group = os.path.join(parent, self.group)
+        leaf = os.path.join(group, SERVER_LEAF)
+        try:
+            if not self.host.exists(group):
+                self.host.make_dir(group)
+            if not self.host.exists(leaf):
+                self.host.make_dir(leaf)
+            self.host.write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+        except OSError as e:
+            log.debug("can't move the server into %s: %s", leaf, e)
+            return False
+        log.info("moved the server into %s so that its sandboxes can have controllers "
+                 "(cgroup v2 no-internal-processes rule)", leaf)
+        return True
+
+    def build_v2(self, h: Hierarchy, limited: set[str]) -> None:
+        parent = self.parent(h, limited)
+        if parent is None:
+            return
+        if not self.host.exists(parent) and self.spec.cgroup_parent != "auto":
+            try:
+                self.make_parents(h, parent)
+            except OSError as e:
+                self.unenforced(limited, parent, f"the cgroup {parent} can't be created",
+                                fix_for("writable", "", parent), e.errno or 0)
+                return
+        try:
+            offered = set(self.host.read(os.path.join(parent, "cgroup.controllers")).split())
+        except OSError as e:
+            self.unenforced(limited, parent, f"{parent} is not a cgroup",
+                            fix_for("parent", "", h.mount), e.errno or 0)
+            return
+        for c in limited - offered:
+            self.unenforced({c}, parent, f"the {c} controller is not delegated to {parent}",
+                            fix_for("delegate", c, parent))
+        wanted = limited & offered
+        # Without a limit to enforce, don't touch what the parent enables
+        # (that may move the server); a group's own children get what
+        # accounting the parent already offers.
+        enabled = wanted - self.enable(parent, wanted) if wanted else set()
+        group = self.make_group(h, parent, enabled)
+        if group is None:
+            return
+        offered = set(self.host.read(os.path.join(group, "cgroup.controllers")).split())
+        enabled -= self.enable(group, enabled)
+        self.enable_quietly(group, (set(ACCOUNTING) & offered) - enabled)
+        path = self.make_sandbox(h, group, enabled)
+        if path is None:
+            return
+        self.dirs.append(CgroupDir(path, h, frozenset(enabled)))
+        self.problems += write_limits(self.host, path, 2, self.limits, enabled)
+        try:
+            self.clone_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            self.clone_fd = -1  # spawn falls back to cgroup.procs
+
+    def enable_quietly(self, group: str, controllers: set[str]) -> None:
+        control = os.path.join(group, "cgroup.subtree_control")
+        for c in sorted(controllers):
+            try:
+                self.host.write(control, f"+{c}")
+            except OSError as e:
+                log.debug("no %s accounting in %s: %s", c, group, e)
+
+    def build_v1(self, h: Hierarchy, limited: set[str]) -> None:
+        parent = self.parent(h, limited)
+        if parent is None:
+            return
+        group = self.make_group(h, parent, limited)
+        path = self.make_sandbox(h, group, limited) if group is not None else None
+        if path is None:
+            return
+        problems = write_limits(self.host, path, 1, self.limits, limited)
+        self.problems += problems
+        carried = limited - {p.controller for p in problems}
+        self.dirs.append(CgroupDir(path, h, frozenset(carried)))
+
+
+def sweep_stale_cgroups(cgroup_parent: str = "auto", *,
+                        host: CgroupHost | None = None) -> list[str]:
+    """Kill and remove the groups of this user's servers that died; the paths removed.
+
+    A group is stale when its server's pid is gone or now belongs to a
+    process that started later. Groups from another pid namespace are left
+    alone: their pids mean nothing here.
+    """
+    host = CgroupHost.detect() if host is None else host
+    uid, pidns = os.geteuid(), pid_namespace_id()
+    stale: dict[tuple[str, str], list[CgroupDir]] = {}
+    groups: list[str] = []
+    leaves: list[str] = []
+    hierarchies = ([host.v2] if host.v2 else []) + host.v1
+    for h in hierarchies:
+        parent = parent_directory(h, cgroup_parent)
+        if parent is None:
+            continue
+        for entry in host.list_dirs(parent):
+            m = GROUP_RE.fullmatch(entry)
+            if not m or int(m[1]) != uid or int(m[4]) != pidns:
+                continue
+            pid, started = int(m[2]), int(m[3])
+            if process_start_time(pid) == started:
+                continue  # its server is alive
+            group = os.path.join(parent, entry)
+            groups.append(group)
+            for child in host.list_dirs(group):
+                if child == SERVER_LEAF:
+                    leaves.append(os.path.join(group, child))
+                else:
+                    stale.setdefault((entry, child), []).append(
+                        CgroupDir(os.path.join(group, child), h))
+    removed = []
+    for dirs in stale.values():
+        # v2 first: one cgroup.kill there empties the v1 directories too
+        dirs.sort(key=lambda d: -d.version)
+        SandboxCgroup(host, dirs, [], strict=False).kill_and_remove()
+        removed += [d.path for d in dirs if not host.exists(d.path)]
+    # The server's leaf may hold what the dead server started outside its
+    # sandboxes (terminals): not ours to kill; removed only once empty.
+    for path in leaves + groups:
+        try:
+            host.remove_dir(path)
+            removed.append(path)
+        except OSError as e:
+            log.info("stale cgroup %s left in place: %s", path, os.strerror(e.errno or 0))
+    if removed:
+        log.info("removed cgroups of servers that died: %s", " ".join(removed))
+    return removed
+

@@ -1,0 +1,191 @@
+"""Where the cgroup hierarchies are mounted, where the caller sits in them,
+and the few file operations cgroupfs needs.
+
+Everything that touches cgroupfs goes through a CgroupHost, so the tests can
+point one at a fake tree in a temporary directory (a supplement to the tests
+on the real hierarchies, never a replacement).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from dataclasses import dataclass, field
+
+# The v1 controllers a sandbox may get a directory in: the three that carry
+# limits, cpuacct for CPU time, freezer for a race-free kill.
+V1_CONTROLLERS = frozenset({"memory", "pids", "cpu", "cpuacct", "freezer"})
+
+
+@dataclass(frozen=True)
+class Hierarchy:
+    """One mounted cgroup hierarchy and the caller's cgroup in it.
+
+    `controllers` is, for v1, the set bound to the hierarchy; for v2, the
+    root's cgroup.controllers (what any cgroup below could get at most).
+    `own_path` is the caller's cgroup as /proc/self/cgroup names it, or None
+    when the mount does not show it (mounted from another cgroup namespace).
+    """
+
+    version: int
+    mount: str
+    controllers: frozenset[str]
+    own_path: str | None
+    mount_root: str = "/"
+
+    def directory(self, cgroup_path: str) -> str | None:
+        """The directory of `cgroup_path` (as /proc/<pid>/cgroup names it), or None."""
+        root = self.mount_root.rstrip("/")
+        if cgroup_path != root and not cgroup_path.startswith(root + "/"):
+            return None
+        rest = cgroup_path[len(root):].strip("/")
+        return os.path.join(self.mount, rest) if rest else self.mount
+
+    def cgroup_path(self, directory: str) -> str:
+        """The inverse of directory(): /proc-style path of a directory in this mount."""
+        rest = os.path.relpath(directory, self.mount)
+        rest = "" if rest == "." else rest
+        return "/" + os.path.join(self.mount_root.strip("/"), rest).strip("/")
+
+    @property
+    def label(self) -> str:
+        return "cgroup2" if self.version == 2 else ",".join(sorted(self.controllers))
+
+
+@dataclass
+class CgroupHost:
+    """The cgroup hierarchies of this host as the caller sees them.
+
+    The file operations are methods so that a fake cgroupfs can give a tmp
+    tree the kernel's behaviour (interface files in new directories, EBUSY
+    from the no-internal-processes rule, ...).
+    """
+
+    v2: Hierarchy | None = None
+    v1: list[Hierarchy] = field(default_factory=list)
+
+    @classmethod
+    def detect(cls, proc: str = "/proc/self") -> CgroupHost:
+        """Read /proc/self/mountinfo and /proc/self/cgroup."""
+        own_v1: dict[frozenset[str], str] = {}
+        own_v2: str | None = None
+        try:
+            with open(os.path.join(proc, "cgroup")) as f:
+                for line in f:
+                    _, names, path = line.rstrip("\n").split(":", 2)
+                    if names == "":
+                        own_v2 = path
+                    else:
+                        own_v1[frozenset(names.split(","))] = path
+        except OSError:
+            return cls()
+        host = cls()
+        seen: set[frozenset[str]] = set()
+        with open(os.path.join(proc, "mountinfo")) as f:
+            for line in f:
+                fields = line.split()
+                sep = fields.index("-")
+                fstype, options = fields[sep + 1], fields[sep + 3]
+                root, mount = _unescape(fields[3]), _unescape(fields[4])
+                if fstype == "cgroup2" and host.v2 is None:
+                    host.v2 = Hierarchy(2, mount, _v2_controllers(mount), own_v2, root)
+                elif fstype == "cgroup":
+                    # /proc/self/cgroup names each hierarchy by its controllers;
+                    # the super options hold them among flags like xattr.
+                    opts = set(options.split(","))
+                    bound = next((n for n in own_v1 if n <= opts), None)
+                    if bound and bound & V1_CONTROLLERS and bound not in seen:
+                        seen.add(bound)
+                        host.v1.append(Hierarchy(1, mount, bound, own_v1[bound], root))
+        return host
+
+    def v1_for(self, controller: str) -> Hierarchy | None:
+        for hierarchy in self.v1:
+            if controller in hierarchy.controllers:
+                return hierarchy
+        return None
+
+    # ---- file operations (overridden by the tests' fake cgroupfs) ----
+
+    def read(self, path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    def write(self, path: str, text: str) -> None:
+        """Write an interface file. Never creates one: cgroupfs files exist or are absent."""
+        fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def exists(self, path: str) -> bool:
+        return os.path.exists(path)
+
+    def make_dir(self, path: str) -> None:
+        os.mkdir(path, 0o755)
+
+    def remove_dir(self, path: str) -> None:
+        os.rmdir(path)
+
+    def list_dirs(self, path: str) -> list[str]:
+        try:
+            return [e.name for e in os.scandir(path) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return []
+
+
+def _unescape(text: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in text:
+        return text
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 3 < len(text) and text[i + 1:i + 4].isdigit():
+            out.append(chr(int(text[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _v2_controllers(mount: str) -> frozenset[str]:
+    try:
+        with open(os.path.join(mount, "cgroup.controllers")) as f:
+            return frozenset(f.read().split())
+    except OSError:
+        return frozenset()
+
+
+def read_keyed(host: CgroupHost, path: str) -> dict[str, int]:
+    """A flat-keyed file ("key value" lines: memory.events, cpu.stat, ...)."""
+    values = {}
+    for line in host.read(path).splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            values[key] = int(value)
+    return values
+
+
+def read_pids(host: CgroupHost, directory: str) -> list[int]:
+    try:
+        return [int(p) for p in host.read(os.path.join(directory, "cgroup.procs")).split()]
+    except OSError as e:
+        if e.errno == errno.ENOENT:
+            return []
+        raise
+
+
+def process_start_time(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot): tells a pid's reuse apart."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])
+
+
+def pid_namespace_id() -> int:
+    return os.stat("/proc/self/ns/pid").st_ino

@@ -1,0 +1,681 @@
+"""Resource limits: a cgroup per sandbox, on the real hierarchies of this host.
+
+Memory, pids and cpu are enforced wherever this host offers them (cgroup v1
+here, v2 on most hosts); the v2 placement, CLONE_INTO_CGROUP, cgroup.kill
+and cleanup run for real on the cgroup2 mount. A fake cgroupfs in a tmp dir
+checks the v2 controller files on top of that, never instead.
+
+Run unprivileged only with a delegated subtree (tests/delegate_cgroups.sh);
+without one the tests that need cgroups skip, or fail when
+NSPROV_REQUIRE_CGROUPS=1 (as in CI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
+from nsprovisioner.cgroupfs import CgroupHost, Hierarchy, process_start_time
+from nsprovisioner.cgroups import (
+    SERVER_LEAF,
+    create_cgroup,
+    group_name,
+    parent_directory,
+    sweep_stale_cgroups,
+)
+from nsprovisioner.process import SandboxProcess
+from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
+
+from .cgroupfs_fake import FakeCgroupfs
+from .conftest import run
+
+spawn_module = importlib.import_module("nsprovisioner.spawn")
+HOST = CgroupHost.detect()
+MiB = 1024 * 1024
+LIMITS = SandboxSpec(memory_limit="64M", pids_limit=20, cpu_limit=0.5)
+
+
+def _enforceable() -> str | None:
+    """Why this host can't run the limit tests, or None."""
+    try:
+        cgroup = create_cgroup(LIMITS, "probe")
+    except SandboxError as e:
+        return str(e)
+    if cgroup is None:
+        return "no cgroup can be created"
+    cgroup.kill_and_remove()
+    return None
+
+
+def _need(reason: str | None) -> None:
+    if reason is None:
+        return
+    message = f"{reason} (as non-root, delegate a subtree: tests/delegate_cgroups.sh)"
+    if os.environ.get("NSPROV_REQUIRE_CGROUPS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+CANT_LIMIT = _enforceable()
+V2_KILL = HOST.v2 is not None and os.path.exists(
+    os.path.join(parent_directory(HOST.v2, "auto") or "/nonexistent", "cgroup.procs"))
+
+
+def our_groups(pid: int | None = None) -> list[tuple[Hierarchy, str]]:
+    """The group directories of `pid` (default: this process) in every hierarchy."""
+    return groups_named(group_name(pid))
+
+
+def groups_named(prefix: str) -> list[tuple[Hierarchy, str]]:
+    found = []
+    for h in ([HOST.v2] if HOST.v2 else []) + HOST.v1:
+        parent = parent_directory(h, "auto")
+        if parent and os.path.isdir(parent):
+            found += [(h, os.path.join(parent, n)) for n in os.listdir(parent)
+                      if n.startswith(prefix)]
+    return found
+
+
+@pytest.fixture
+def no_cgroup_left() -> Iterator[None]:
+    """Fail (after removing them) when a test leaves cgroups of this process behind."""
+    yield
+    left = our_groups()
+    for h, group in left:
+        dirs = [CgroupDir(e.path, h) for e in os.scandir(group) if e.is_dir()]
+        SandboxCgroup(HOST, dirs, [group]).kill_and_remove()
+    assert not left, f"cgroups left behind: {[g for _, g in left]}"
+
+
+async def start(spec: SandboxSpec, code: str, **kwargs: object) -> SandboxProcess:
+    return await spawn(spec, [sys.executable, "-c", textwrap.dedent(code)], stdout=PIPE,
+                       **kwargs)  # type: ignore[arg-type]
+
+
+async def finish(proc: SandboxProcess) -> tuple[int, str]:
+    assert proc.stdout is not None
+    out = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.read)
+    code = await proc.wait()
+    proc.close_pipes()
+    return code, out.decode()
+
+
+def python_in(spec: SandboxSpec, code: str) -> tuple[int, str, dict[str, float], int]:
+    """Run code in a sandbox: exit status, stdout, final usage and OOM kills of its cgroup."""
+    seen: dict[str, object] = {}
+
+    def at_exit(proc: SandboxProcess) -> None:
+        # the provisioner reads these here, before the cgroup goes
+        assert proc.cgroup is not None
+        seen["oom"] = proc.cgroup.oom_kill_count()
+        seen["usage"] = proc.cgroup.usage()
+
+    async def go() -> tuple[int, str]:
+        proc = await start(spec, code)
+        proc.add_exit_callback(at_exit)
+        return await finish(proc)
+
+    status, out = run(go())
+    usage = seen["usage"]
+    oom = seen["oom"]
+    assert isinstance(usage, dict) and isinstance(oom, int)
+    return status, out, usage, oom
+
+
+# ---- limits, through spawn() -------------------------------------------------------
+
+MEMORY_BOMB = """
+    chunks = []
+    for _ in range(64):                     # up to 1 GiB, 16 MiB at a time
+        chunks.append(b"\\1" * (16 << 20))  # written, so really resident
+    print("survived", flush=True)
+"""
+
+
+def test_memory_bomb_is_oom_killed_and_counted(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    status, out, _, oom = python_in(SandboxSpec(memory_limit="64M"), MEMORY_BOMB)
+    assert "survived" not in out
+    assert status == 128 + 9, "the OOM killer's SIGKILL, reported by the init"
+    assert oom >= 1
+    # the host is fine: this process is alive and the next sandbox starts at once
+    status, out, _, oom = python_in(SandboxSpec(memory_limit="64M"), "print('fine')")
+    assert (status, out, oom) == (0, "fine\n", 0)
+
+
+def test_usage_reports_memory_pids_and_cpu(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> dict[str, float]:
+        proc = await start(LIMITS, """
+            import sys, time
+            data = b"\\1" * (32 << 20)
+            t = time.process_time() + 0.2
+            while time.process_time() < t: pass
+            print("ready", flush=True)
+            sys.stdin.read()
+        """, stdin=PIPE)
+        assert proc.stdout is not None and proc.stdin is not None and proc.cgroup is not None
+        await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
+        usage = proc.cgroup.usage()
+        proc.stdin.close()
+        await finish(proc)
+        return usage
+
+    usage = run(go())
+    assert 32 * MiB < usage["memory_bytes"] < 64 * MiB
+    assert usage["pids"] == 2  # the init and python
+    assert 0.15 < usage["cpu_seconds"] < 5
+
+
+FORK_BOMB = """
+    import os, subprocess, time
+    kids = []
+    try:
+        while len(kids) < 1000:
+            pid = os.fork()
+            if pid == 0:
+                time.sleep(60)
+                os._exit(0)
+            kids.append(pid)
+    except BlockingIOError:
+        stopped = "EAGAIN"
+    print(len(kids), stopped, flush=True)
+    for pid in kids:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    # usable again once the bomb is gone
+    print(subprocess.run(["echo", "usable"], capture_output=True, text=True).stdout, end="")
+"""
+
+
+def test_fork_bomb_stops_at_pids_limit_and_sandbox_stays_usable(
+        no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    status, out, _, _ = python_in(SandboxSpec(pids_limit=16), FORK_BOMB)
+    forked, stopped, usable = out.split()
+    assert status == 0, out
+    assert stopped == "EAGAIN"
+    assert int(forked) == 16 - 2, "the init and python count too"
+    assert usable == "usable"
+
+
+def test_shell_fork_bomb_is_contained_and_killed(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> tuple[float, int, list[str]]:
+        proc = await spawn(SandboxSpec(pids_limit=32), ["bash", "-c", "b() { b | b & }; b; sleep 100"],
+                           stderr=subprocess.DEVNULL)
+        assert proc.cgroup is not None
+        await asyncio.sleep(1.0)
+        pids = proc.cgroup.usage()["pids"]
+        paths = list(proc.cgroup.paths)
+        proc.kill()
+        return pids, await proc.wait(), paths
+
+    pids, status, paths = run(go())
+    assert 3 < pids <= 32
+    assert status == -9
+    assert not [p for p in paths if os.path.exists(p)]
+
+
+CPU_BURN = """
+    import os, sys, time
+    start = time.monotonic()
+    for _ in range(2):                      # two processes: the limit is for the sandbox
+        if os.fork() == 0:
+            while time.monotonic() - start < 2.0:
+                pass
+            os._exit(0)
+    os.wait(); os.wait()
+    wall = time.monotonic() - start
+    t = os.times()
+    print((t.children_user + t.children_system) / wall)
+"""
+
+
+def test_cpu_limit_half_a_core(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("needs two CPUs to tell a limit of 0.5 from a busy host")
+    t0 = time.monotonic()
+    status, out, usage, _ = python_in(SandboxSpec(cpu_limit=0.5), CPU_BURN)
+    wall = time.monotonic() - t0
+    assert status == 0, out
+    inside = float(out)
+    counted = usage["cpu_seconds"] / wall  # what the cgroup counted, over the whole start
+    print(f"cpu_limit=0.5: cpu/wall inside {inside:.3f}, by the cgroup {counted:.3f}")
+    assert 0.4 <= inside <= 0.6
+    assert 0.35 <= counted <= 0.6  # the wall time here includes start and exit
+
+
+def test_cgroup_namespace_root_is_the_sandbox_cgroup(no_leaks: None,
+                                                     no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> tuple[str, str, SandboxCgroup]:
+        proc = await spawn(LIMITS, ["sh", "-c", "cat /proc/self/cgroup; read x"], stdout=PIPE,
+                           stdin=PIPE)
+        assert proc.stdout is not None and proc.stdin is not None and proc.cgroup is not None
+        try:
+            inside = await asyncio.get_running_loop().run_in_executor(
+                None, proc.stdout.read, 4096)
+            outside = Path(f"/proc/{proc.pid}/cgroup").read_text()
+        finally:
+            proc.stdin.close()
+            await finish(proc)
+        return inside.decode(), outside, proc.cgroup
+
+    inside, outside, cgroup = run(go())
+    assert all(line.endswith(":/") for line in inside.splitlines()), inside
+    if HOST.v2 is not None:
+        assert "0::/" in inside.splitlines()
+    # from outside, the init is in the sandbox's own directory of every hierarchy used
+    for d in cgroup.dirs:
+        names = "" if d.version == 2 else ",".join(sorted(d.hierarchy.controllers))
+        line = next(x for x in outside.splitlines()
+                    if ",".join(sorted(x.split(":")[1].split(","))) == names)
+        assert line.split(":", 2)[2] == d.hierarchy.cgroup_path(d.path)
+
+
+def test_limit_files_hold_the_configured_values(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    cgroup = create_cgroup(SandboxSpec(memory_limit="96M", pids_limit=7, cpu_limit=1.5), "x")
+    assert cgroup is not None
+    try:
+        values = {}
+        for d in cgroup.dirs:
+            for f in os.listdir(d.path):
+                if f in ("memory.max", "memory.limit_in_bytes", "pids.max", "cpu.max",
+                         "cpu.cfs_quota_us", "cpu.cfs_period_us", "memory.swap.max",
+                         "memory.memsw.limit_in_bytes"):
+                    values[f] = Path(d.path, f).read_text().strip()
+    finally:
+        cgroup.kill_and_remove()
+    assert values.get("memory.max", values.get("memory.limit_in_bytes")) == str(96 * MiB)
+    assert values.get("memory.memsw.limit_in_bytes", str(96 * MiB)) == str(96 * MiB)
+    assert values.get("memory.swap.max", "0") == "0"
+    assert values["pids.max"] == "7"
+    assert values.get("cpu.max", f"{values.get('cpu.cfs_quota_us')} "
+                      f"{values.get('cpu.cfs_period_us')}") == "150000 100000"
+
+
+def test_limits_cant_be_raised_from_inside(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> tuple[int, str]:
+        proc = await start(SandboxSpec(memory_limit="64M", pids_limit=20), "print('x')")
+        assert proc.cgroup is not None
+        files = [os.path.join(d.path, f) for d in proc.cgroup.dirs
+                 for f in ("memory.max", "memory.limit_in_bytes", "pids.max")
+                 if os.path.exists(os.path.join(d.path, f))]
+        await finish(proc)
+        code = f"""
+            import errno
+            for path in {files!r}:
+                try:
+                    open(path, "w").write("max")
+                    print("raised", path)
+                except OSError as e:
+                    print("refused", errno.errorcode[e.errno])
+        """
+        proc = await start(SandboxSpec(memory_limit="64M", pids_limit=20), code)
+        return await finish(proc)
+
+    status, out = run(go())
+    assert status == 0 and out.strip()
+    assert "raised" not in out, out
+
+
+# ---- cleanup ---------------------------------------------------------------------------
+
+def test_no_cgroup_left_after_normal_exit(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> list[str]:
+        proc = await start(LIMITS, "print('bye')", name="kernel-1")
+        assert proc.cgroup is not None
+        assert all(os.path.basename(p) == "kernel-1" for p in proc.cgroup.paths)
+        paths = list(proc.cgroup.paths)
+        assert all(os.path.isdir(p) for p in paths)
+        await finish(proc)
+        return paths
+
+    paths = run(go())
+    assert not [p for p in paths if os.path.exists(p)]
+    assert not our_groups(), "the per-server group goes with its last sandbox"
+
+
+def test_kill_and_remove_kills_everything_inside(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> tuple[int, list[str]]:
+        proc = await spawn(LIMITS, ["sh", "-c", "sleep 100 & setsid sleep 100 & sleep 100"])
+        assert proc.cgroup is not None
+        paths = list(proc.cgroup.paths)
+        await asyncio.sleep(0.2)
+        proc.cgroup.kill_and_remove()
+        proc.cgroup.kill_and_remove()  # idempotent
+        return await asyncio.wait_for(proc.wait(), 5), paths
+
+    status, paths = run(go())
+    assert status == -9
+    assert not [p for p in paths if os.path.exists(p)]
+
+
+@pytest.mark.parametrize("step", ["write_id_maps", "cgroup_attach", "clone_grandchild",
+                                  "unshare_cgroup", "exec"])
+def test_no_cgroup_left_after_failed_launch(step: str, no_leaks: None,
+                                            no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    with pytest.raises(SandboxError):
+        run(spawn(LIMITS, ["true"], _fault_step=step))
+    assert not our_groups()
+
+
+# ---- cgroup v2 placement on the real cgroup2 mount -----------------------------------
+
+def v2_only_host() -> CgroupHost:
+    assert HOST.v2 is not None
+    return CgroupHost(v2=HOST.v2, v1=[])
+
+
+@pytest.fixture
+def v2_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
+    """spawn() sees only the cgroup2 mount; yields attach()'s placed_by_clone values."""
+    if not V2_KILL:
+        pytest.skip("no writable cgroup2 hierarchy")
+    placed: list[bool] = []
+    host = v2_only_host()
+
+    def create(spec: SandboxSpec, name: str | None) -> SandboxCgroup | None:
+        cgroup = create_cgroup(spec, name, host=host)
+        if cgroup is not None:
+            attach = cgroup.attach
+
+            def record(pid: int, *, placed_by_clone: bool) -> None:
+                placed.append(placed_by_clone)
+                attach(pid, placed_by_clone=placed_by_clone)
+            cgroup.attach = record  # type: ignore[method-assign]
+        return cgroup
+
+    monkeypatch.setattr(spawn_module, "create_cgroup", create)
+    yield placed
+
+
+def test_v2_clone_into_cgroup_places_the_sandbox(v2_only: list[bool], no_leaks: None,
+                                                 no_cgroup_left: None) -> None:
+    async def go() -> tuple[str, str, list[int], int]:
+        proc = await spawn(SandboxSpec(), ["sh", "-c", "sleep 100 & sleep 100"])
+        assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
+        v2 = proc.cgroup.v2_dir
+        await asyncio.sleep(0.2)
+        line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
+        procs = [int(p) for p in Path(v2.path, "cgroup.procs").read_text().split()]
+        proc.cgroup.kill_and_remove()  # cgroup.kill: the init and everything under it
+        return line, v2.hierarchy.cgroup_path(v2.path), procs, await proc.wait()
+
+    line, path, procs, status = run(go())
+    assert v2_only == [True], "clone3 with CLONE_INTO_CGROUP placed the Child"
+    assert line == f"0::{path}"
+    assert len(procs) == 4  # the init, sh, and two sleeps
+    assert status == -9
+
+
+def test_v2_without_clone_into_cgroup_attach_moves_the_child(
+        v2_only: list[bool], monkeypatch: pytest.MonkeyPatch, no_leaks: None,
+        no_cgroup_left: None) -> None:
+    create = spawn_module.create_cgroup
+
+    def without_fd(spec: SandboxSpec, name: str | None) -> SandboxCgroup | None:
+        cgroup = create(spec, name)
+        assert isinstance(cgroup, SandboxCgroup)
+        os.close(cgroup.clone_fd)  # as on a kernel before 5.7
+        cgroup.clone_fd = -1
+        return cgroup
+
+    monkeypatch.setattr(spawn_module, "create_cgroup", without_fd)
+
+    async def go() -> tuple[str, str]:
+        proc = await spawn(SandboxSpec(), ["cat", "/proc/self/cgroup"], stdout=PIPE)
+        assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
+        line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
+        path = proc.cgroup.v2_dir.hierarchy.cgroup_path(proc.cgroup.v2_dir.path)
+        await finish(proc)
+        return line, path
+
+    line, path = run(go())
+    assert v2_only == [False]
+    assert line == f"0::{path}"
+
+
+def test_strict_limit_on_v2_without_the_controller_fails(
+        v2_only: list[bool], no_leaks: None, no_cgroup_left: None) -> None:
+    assert HOST.v2 is not None
+    if "memory" in HOST.v2.controllers:
+        pytest.skip("this cgroup2 mount has the memory controller")
+    with pytest.raises(SandboxError) as e:
+        run(spawn(SandboxSpec(memory_limit="64M"), ["true"]))
+    message = str(e.value)
+    assert "memory_limit needs the memory controller" in message
+    assert HOST.v2.mount in message
+    assert "Fix:" in message and "strict = false" in message
+
+
+def test_non_strict_limit_on_v2_without_the_controller_warns_once_and_starts(
+        v2_only: list[bool], caplog: pytest.LogCaptureFixture, no_leaks: None,
+        no_cgroup_left: None) -> None:
+    assert HOST.v2 is not None
+    if "memory" in HOST.v2.controllers:
+        pytest.skip("this cgroup2 mount has the memory controller")
+    caplog.set_level(logging.WARNING, "nsprovisioner")
+    status, out, _, _ = python_in(SandboxSpec(memory_limit="64M", strict=False), "print(1)")
+    assert (status, out) == (0, "1\n")
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert "memory_limit needs the memory controller" in warnings[0].getMessage()
+    assert v2_only == [True], "the sandbox still got its cgroup2 directory"
+
+
+# ---- sweep -----------------------------------------------------------------------------
+
+def test_sweep_kills_and_removes_groups_of_dead_servers(no_leaks: None,
+                                                        no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    dead = subprocess.Popen(["sleep", "0.1"])
+    started = process_start_time(dead.pid)
+    dead.wait()
+    stale = group_name().rsplit("-", 3)
+    stale_name = f"{stale[0]}-{dead.pid}-{started}-{stale[3]}"
+    # a leftover sandbox with a process still in it, in every hierarchy used
+    orphan = subprocess.Popen(["sleep", "100"])
+    made = []
+    try:
+        for h in ([HOST.v2] if V2_KILL and HOST.v2 else []) + HOST.v1:
+            parent = parent_directory(h, "auto")
+            assert parent is not None
+            path = os.path.join(parent, stale_name, "kernel-x")
+            os.makedirs(path)
+            made.append(path)
+            Path(path, "cgroup.procs").write_text(str(orphan.pid))
+        live = create_cgroup(SandboxSpec(), "alive")  # this server's own: not stale
+        assert live is not None
+        removed = sweep_stale_cgroups()
+        assert orphan.wait(timeout=5) == -9
+        assert all(os.path.isdir(p) for p in live.paths)
+        live.kill_and_remove()
+    finally:
+        orphan.kill()
+        orphan.wait()
+        for path in made:
+            for d in (path, os.path.dirname(path)):
+                if os.path.isdir(d):
+                    os.rmdir(d)
+    # (and the leftovers of earlier runs that were killed, if any)
+    assert set(made + [os.path.dirname(p) for p in made]) <= set(removed)
+
+
+# ---- the CLI -------------------------------------------------------------------------
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """`nsprovisioner run ARGS`: status, stdout, stderr; fails if it left a cgroup."""
+    proc = subprocess.Popen([sys.executable, "-m", "nsprovisioner.cli", "run", *args],
+                            stdout=PIPE, stderr=PIPE, text=True)
+    out, err = proc.communicate(timeout=60)
+    left = groups_named(f"nsprov-{os.geteuid()}-{proc.pid}-")
+    assert not left, f"the CLI left cgroups: {left}"
+    return proc.returncode, out, err
+
+
+def test_cli_memory_limit_kills_a_memory_bomb(no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    status, out, err = cli("--memory-limit", "64M", "--", sys.executable, "-c",
+                           textwrap.dedent(MEMORY_BOMB))
+    assert status == 128 + 9, err
+    assert "survived" not in out
+
+
+def test_cli_pids_and_cpu_limits(no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    status, out, err = cli("--pids-limit", "16", "--cpu-limit", "0.5", "--", sys.executable,
+                           "-c", textwrap.dedent(FORK_BOMB))
+    assert status == 0, err
+    assert out.split() == ["14", "EAGAIN", "usable"]
+
+
+def test_cli_limit_that_cant_be_enforced_strict_and_not(no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    # a cgroup_parent below an interface file: no hierarchy can make it
+    status, out, err = cli("--memory-limit", "64M", "--cgroup-parent", "/cgroup.procs/x",
+                           "--", "true")
+    assert status == 125
+    assert re.search(r"memory_limit needs the memory controller, but the cgroup "
+                     r"\S+cgroup.procs/x can't be created", err), err
+    assert "Delegate=yes" in err
+    status, out, err = cli("--memory-limit", "64M", "--cgroup-parent", "/cgroup.procs/x",
+                           "--no-strict", "--", "echo", "ran")
+    assert (status, out) == (0, "ran\n"), err
+    assert err.count("without some limits") == 1
+
+
+def test_no_limits_never_block_a_start(no_leaks: None, no_cgroup_left: None) -> None:
+    async def go() -> tuple[int, str]:
+        # a parent no hierarchy can make: no cgroup at all, and still a sandbox
+        proc = await start(SandboxSpec(cgroup_parent="/cgroup.procs/x"), "print('ok')")
+        assert proc.cgroup is None
+        return await finish(proc)
+
+    assert run(go()) == (0, "ok\n")
+
+
+# ---- controller files against a fake cgroupfs (a supplement) ----------------------------
+
+def test_fake_v2_enables_controllers_moves_the_server_and_writes_limits(
+        tmp_path: Path) -> None:
+    fake = FakeCgroupfs(tmp_path, own="/user.slice/app", controllers="cpu memory pids io",
+                        delegated="cpu memory pids")
+    fake.add_process("/user.slice/app", os.getpid())
+    cgroup = create_cgroup(LIMITS, "k1", host=fake)
+    assert cgroup is not None
+    app = tmp_path / "user.slice/app"
+    group = app / group_name()
+    sandbox = group / "k1"
+    try:
+        assert cgroup.paths == [str(sandbox)]
+        # the no-internal-processes rule: the server left app for its own leaf
+        assert fake.pids("/user.slice/app") == []
+        assert fake.pids(f"/user.slice/app/{group_name()}/{SERVER_LEAF}") == [os.getpid()]
+        assert set((app / "cgroup.subtree_control").read_text().split()) == {
+            "cpu", "memory", "pids"}
+        assert set((group / "cgroup.subtree_control").read_text().split()) == {
+            "cpu", "memory", "pids"}
+        assert (sandbox / "memory.max").read_text() == str(64 * MiB)
+        assert (sandbox / "memory.swap.max").read_text() == "0"
+        assert (sandbox / "pids.max").read_text() == "20"
+        assert (sandbox / "cpu.max").read_text() == "50000 100000"
+        # the second sandbox finds the same parent although the server moved
+        fake.own = f"/user.slice/app/{group_name()}/{SERVER_LEAF}"
+        second = create_cgroup(LIMITS, "k2", host=fake)
+        assert second is not None and second.paths == [str(group / "k2")]
+        second.kill_and_remove()
+        (sandbox / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+        assert cgroup.oom_kill_count() == 1
+    finally:
+        cgroup.kill_and_remove()
+    assert fake.killed == [str(group / "k2"), str(sandbox)], "cgroup.kill was written"
+    assert not sandbox.exists()
+    assert cgroup.oom_kill_count() == 1, "counted before removal, kept after"
+
+
+def test_fake_v2_controller_not_delegated_strict_and_not(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeCgroupfs(tmp_path, own="/srv", controllers="cpu memory pids", delegated="pids")
+    with pytest.raises(SandboxError) as e:
+        create_cgroup(SandboxSpec(memory_limit="64M", pids_limit=5), "k", host=fake)
+    assert f"the memory controller is not delegated to {tmp_path}/srv" in str(e.value)
+    assert "Delegate=yes" in str(e.value)
+    assert not (tmp_path / "srv" / group_name()).exists(), "nothing left after the error"
+
+    caplog.set_level(logging.WARNING, "nsprovisioner")
+    cgroup = create_cgroup(SandboxSpec(memory_limit="64M", pids_limit=5, strict=False), "k",
+                           host=fake)
+    assert cgroup is not None
+    sandbox = tmp_path / "srv" / group_name() / "k"
+    try:
+        assert (sandbox / "pids.max").read_text() == "5"
+        assert not (sandbox / "memory.max").exists()
+        assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) == 1
+    finally:
+        cgroup.kill_and_remove()
+
+
+def test_fake_v2_other_processes_in_the_parent_are_named(tmp_path: Path) -> None:
+    fake = FakeCgroupfs(tmp_path, own="/app", controllers="memory", delegated="memory")
+    fake.add_process("/app", os.getpid())
+    fake.add_process("/app", 4242)  # another process of the user's session
+    with pytest.raises(SandboxError) as e:
+        create_cgroup(SandboxSpec(memory_limit="64M"), "k", host=fake)
+    assert "holds processes (4242)" in str(e.value)
+    assert "no-internal-processes" in str(e.value)
+
+
+def test_fake_v2_without_limits_leaves_the_parent_alone(tmp_path: Path) -> None:
+    fake = FakeCgroupfs(tmp_path, own="/app", controllers="memory pids", delegated="memory pids")
+    fake.add_process("/app", os.getpid())
+    cgroup = create_cgroup(SandboxSpec(), "k", host=fake)
+    assert cgroup is not None
+    try:
+        assert fake.pids("/app") == [os.getpid()], "no limit: the server is not moved"
+        assert (tmp_path / "app/cgroup.subtree_control").read_text() == ""
+    finally:
+        cgroup.kill_and_remove()
+    assert not (tmp_path / "app" / group_name()).exists()
+
+
+def test_fake_v2_sweep_keeps_live_and_foreign_groups(tmp_path: Path) -> None:
+    fake = FakeCgroupfs(tmp_path, own="/", controllers="", delegated="")
+    me = group_name()
+    uid, _, _, pidns = me.removeprefix("nsprov-").split("-")
+    dead = f"nsprov-{uid}-999999999-1-{pidns}"
+    other_ns = f"nsprov-{uid}-999999999-1-1"
+    other_user = f"nsprov-{int(uid) + 1}-999999999-1-{pidns}"
+    for name in (me, dead, other_ns, other_user, "unrelated"):
+        fake.make_dir(str(tmp_path / name))
+    fake.make_dir(str(tmp_path / dead / "k"))
+    fake.make_dir(str(tmp_path / dead / SERVER_LEAF))
+    removed = sweep_stale_cgroups(host=fake)
+    assert sorted(removed) == sorted(str(tmp_path / dead / n) for n in ("k", SERVER_LEAF, ""))
+    left = {e.name for e in os.scandir(tmp_path) if e.is_dir()}
+    assert left == {me, other_ns, other_user, "unrelated"}
