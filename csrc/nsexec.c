@@ -13,6 +13,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
+#include <net/if.h>
+#include <sys/ioctl.h>
 #include <linux/filter.h>
 #include <linux/mount.h>
 #include <linux/sched.h>
@@ -197,6 +199,26 @@ static int drop_caps(void)
         errno != EINVAL)
         return -1;
     return capset_all(0);
+}
+
+/* A new network namespace has only lo, and it is down. */
+static int loopback_up(void)
+{
+    struct ifreq ifr;
+    int sock, ret;
+
+    sock = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (sock < 0)
+        return -1;
+    memset(&ifr, 0, sizeof(ifr));
+    memcpy(ifr.ifr_name, "lo", 3);
+    ret = ioctl(sock, SIOCGIFFLAGS, &ifr);
+    if (ret == 0) {
+        ifr.ifr_flags |= IFF_UP | IFF_RUNNING;
+        ret = ioctl(sock, SIOCSIFFLAGS, &ifr);
+    }
+    close(sock);
+    return ret;
 }
 
 /* Read-only (or other attributes) on one mount or a whole subtree. */
@@ -410,6 +432,8 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
     if (cfg->unshare_cgroup)
         STEP(NSX_STEP_UNSHARE_CGROUP, unshare(CLONE_NEWCGROUP),
              "unshare(CLONE_NEWCGROUP)", NULL);
+    if (cfg->loopback_up)
+        STEP(NSX_STEP_LOOPBACK, loopback_up(), "bring up the loopback interface", NULL);
     run_mount_table(cfg, fd);
     if (cfg->hostname)
         STEP(NSX_STEP_HOSTNAME, sethostname(cfg->hostname, strlen(cfg->hostname)),

@@ -61,6 +61,7 @@ enum nsx_step {
     NSX_STEP_SETSID = 21,
     NSX_STEP_SET_IDS = 22,
     NSX_STEP_UNSHARE_CGROUP = 23,
+    NSX_STEP_LOOPBACK = 34,
     NSX_STEP_MOUNT = 24,
     NSX_STEP_HOSTNAME = 25,
     NSX_STEP_CHDIR = 26,
@@ -130,6 +131,7 @@ struct nsx_config {
 
     int unshare_flags;       /* CLONE_NEW* the Child unshares after the user ns */
     int unshare_cgroup;      /* the GrandChild unshares the cgroup ns */
+    int loopback_up;         /* bring up lo in the new network namespace */
     int cgroup_fd;           /* a cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */
 
     int uid;                 /* identity inside, already mapped */

@@ -217,6 +217,7 @@ async def _clone_and_handshake(
         cfg.parent_sync_fds = [child_parent.fileno(), gc_parent.fileno()]
         cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
         cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
+        cfg.loopback_up = int("net" in spec.namespaces)
         cfg.cgroup_fd = cgroup.clone_fd if cgroup is not None else -1
         cfg.uid = spec.uid
         cfg.gid = spec.gid
