@@ -1,0 +1,110 @@
+"""The boundary as a real sandboxed ipykernel sees it (NamespaceProvisioner)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+
+from .conftest import run
+
+pytestmark = pytest.mark.timeout(120)
+
+PROBE = """
+import errno, json, os
+def _err(fn, *a):
+    try:
+        fn(*a)
+        return None
+    except OSError as e:
+        return errno.errorcode[e.errno]
+def _read(p):
+    with open(p) as f:
+        return f.read()
+def _write(p):
+    with open(p, "w") as f:
+        f.write("x")
+_status = dict(l.split(":\\t", 1) for l in _read("/proc/self/status").splitlines() if ":\\t" in l)
+print(json.dumps({
+    "status": {k: _status[k].strip() for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp")},
+    "own": json.loads(_read(OWN))["key"] != "",
+    "other": _err(_read, OTHER),
+    "list_runtime": _err(os.listdir, os.path.dirname(OWN)),
+    "usr": _err(_write, "/usr/nsx-probe"),
+    "home": os.path.expanduser("~"),
+    "history": os.path.exists(os.path.expanduser("~/.ipython/profile_default/history.sqlite")),
+}))
+"""
+
+
+def kernelspec(kernels: Path) -> None:
+    spec = {
+        "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "sandboxed", "language": "python",
+        "metadata": {"kernel_provisioner": {"provisioner_name": "namespace-provisioner"}},
+    }
+    (kernels / "sandboxed").mkdir(parents=True)
+    (kernels / "sandboxed" / "kernel.json").write_text(json.dumps(spec))
+
+
+async def execute(kc: Any, code: str) -> str:
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            out.append("\n".join(msg["content"]["traceback"]))
+
+    reply = await kc.execute_interactive(code, timeout=20, output_hook=hook)
+    assert reply["content"]["status"] == "ok", "".join(out)
+    return "".join(out)
+
+
+def test_kernel_sees_only_its_own_connection_file(tmp_path: Path, no_leaks: None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    home, runtime, work, kernels = (tmp_path / n for n in ("home", "runtime", "work", "kernels"))
+    for d in (home, runtime, work):
+        d.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    kernelspec(kernels)
+
+    async def main() -> dict[str, Any]:
+        managers = [AsyncKernelManager(
+            kernel_name="sandboxed",
+            kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]),
+            connection_file=str(runtime / f"kernel-{uuid.uuid4()}.json")) for _ in range(2)]
+        clients = []
+        try:
+            for km in managers:
+                await km.start_kernel(cwd=str(work))
+                kc = km.client()
+                kc.start_channels()
+                clients.append(kc)
+                await kc.wait_for_ready(timeout=30)
+            own, other = (km.connection_file for km in managers)
+            await execute(clients[0], "1 + 1")  # a line of history
+            out = await execute(clients[0], f"OWN, OTHER = {own!r}, {other!r}\n" + PROBE)
+            result: dict[str, Any] = json.loads(out)
+            return result
+        finally:
+            for kc in clients:
+                kc.stop_channels()
+            for km in managers:
+                if km.has_kernel:
+                    await km.shutdown_kernel(now=True)
+
+    r = run(main())
+    assert r["status"] == {"CapEff": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1",
+                           "Seccomp": "2"}
+    assert r["own"] is True
+    assert r["other"] in ("ENOENT", "EACCES")  # the other kernel's key stays outside
+    assert r["list_runtime"] == "EACCES"
+    assert r["usr"] == "EROFS"
+    assert r["home"] == str(home) and r["history"] is True
