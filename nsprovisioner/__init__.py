@@ -6,5 +6,5 @@ from .sandbox import SandboxSpec
 from .spawn import DEVNULL, PIPE, spawn
 
 __version__ = "0.1.0"
-__all__ = ["DEVNULL", "PIPE", "SandboxError", "SandboxProcess", "SandboxSpec", "spawn",
-           "__version__"]
+__all__ = ["DEVNULL", "PIPE", "SandboxError", "SandboxProcess", "SandboxSpec", "__version__",
+           "spawn"]

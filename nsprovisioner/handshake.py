@@ -150,17 +150,30 @@ def _fault(fault_step: int, name: str) -> None:
         raise SandboxError(f"injected fault at {name}", step=name, errno=5)
 
 
-async def _reap(pid: int, pidfd: int) -> int:
-    """Wait for a process that is about to exit, without blocking the loop."""
+async def readable(fd: int) -> None:
+    """Wait until `fd` (e.g. a pidfd, readable once its process exits) is readable."""
     loop = asyncio.get_running_loop()
-    ready = loop.create_future()
-    loop.add_reader(pidfd, lambda: ready.done() or ready.set_result(None))
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_reader(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_reader(pidfd)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+        loop.remove_reader(fd)
+
+
+async def _reap(pid: int, pidfd: int) -> int:
+    """Wait for a process that is about to exit, without blocking the loop."""
+    await readable(pidfd)
+    # the pidfd is readable: the process has exited, so this does not block
+    result = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | os.WNOHANG)  # noqa: ASYNC222
+    if result is None:
+        raise SandboxError(f"process {pid} was readable but not exited", step="reap_child")
+    return result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
 
 
 async def run_handshake(

@@ -9,6 +9,7 @@ against /etc/subuid and /etc/subgid. As root, any map is written directly.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import pwd
 import shutil
@@ -70,7 +71,7 @@ def validate_map(ranges: list[IdRange], kind: str) -> None:
                 )
     for side in ("inside", "outside"):
         spans = sorted((getattr(r, side), r) for r in ranges)
-        for (start_a, a), (start_b, b) in zip(spans, spans[1:]):
+        for (start_a, a), (start_b, b) in itertools.pairwise(spans):
             if start_a + a.count > start_b:
                 raise SandboxError(f"{kind} entries {a} and {b} overlap on the {side} side")
 

@@ -7,11 +7,12 @@ race-free against pid reuse.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 from collections.abc import Callable
 from typing import IO, TYPE_CHECKING
+
+from .handshake import readable
 
 if TYPE_CHECKING:
     from .cgroups import SandboxCgroup
@@ -80,14 +81,7 @@ class SandboxProcess:
     async def wait(self) -> int:
         """Wait for the init to exit; its returncode."""
         while self.poll() is None:
-            loop = asyncio.get_running_loop()
-            ready = loop.create_future()
-            fd = self.pidfd
-            loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
-            try:
-                await ready
-            finally:
-                loop.remove_reader(fd)
+            await readable(self.pidfd)
         assert self.returncode is not None
         return self.returncode
 

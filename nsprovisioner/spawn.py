@@ -16,11 +16,11 @@ from contextlib import ExitStack
 from typing import IO, Any
 
 from ._nsexec import ffi, lib
+from .cgroups import SandboxCgroup, create_cgroup
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
-from .cgroups import SandboxCgroup, create_cgroup
 from .mounts import plan_mounts
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env

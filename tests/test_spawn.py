@@ -45,7 +45,7 @@ def python_in_sandbox(code: str, spec: SandboxSpec | None = None) -> tuple[int, 
 
 REPORT = """
     import json, os
-    ns = {n: os.readlink(f"/proc/self/ns/{n}") for n in %r}
+    ns = {n: os.readlink(f"/proc/self/ns/{n}") for n in NAMESPACES}
     status = dict(l.split(":", 1) for l in open("/proc/1/status").read().splitlines())
     print(json.dumps({
         "ns": ns, "pid": os.getpid(), "ppid": os.getppid(),
@@ -56,7 +56,7 @@ REPORT = """
         "setgroups": open("/proc/self/setgroups").read().strip(),
         "ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid()],
     }))
-""" % (NAMESPACES,)
+""".replace("NAMESPACES", repr(NAMESPACES))
 
 
 def report(spec: SandboxSpec) -> dict[str, object]:
@@ -298,7 +298,7 @@ def test_concurrent_spawns_from_threads_while_others_allocate() -> None:
                 assert await proc.wait() == 0
         try:
             asyncio.run(main())
-        except BaseException as e:  # reported below, with the others
+        except BaseException as e:  # noqa: BLE001 - reported below, with the others
             errors.append(e)
 
     fds = open_fds()
@@ -401,7 +401,7 @@ def test_disabled_user_namespaces_are_explained() -> None:
     result = subprocess.run(
         ["unshare", "--user", "--map-root-user", "sh", "-c",
          f"echo 0 > /proc/sys/user/max_user_namespaces && exec {sys.executable} -c \"$0\"",
-         probe], capture_output=True, text=True, timeout=60)
+         probe], capture_output=True, text=True, timeout=60, check=False)
     assert "unshare_user" in result.stdout, result.stdout + result.stderr
     assert "max_user_namespaces" in result.stdout
 
@@ -409,13 +409,14 @@ def test_disabled_user_namespaces_are_explained() -> None:
 def test_cli_run_passes_stdio_and_exit_status() -> None:
     cli = [sys.executable, "-m", "nsprovisioner.cli"]
     result = subprocess.run([*cli, "run", "--", "sh", "-c", "read x; echo got $x; exit 3"],
-                            input="hello\n", capture_output=True, text=True, timeout=60)
+                            input="hello\n", capture_output=True, text=True, timeout=60, check=False)
     assert (result.returncode, result.stdout) == (3, "got hello\n")
     assert subprocess.run([*cli, "run", "--", "no-such-command"],
-                          capture_output=True, timeout=60).returncode == 127
+                          capture_output=True, timeout=60, check=False).returncode == 127
     result = subprocess.run([*cli, "run", "--user", "root", "--", "id", "-u"],
-                            capture_output=True, text=True, timeout=60)
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.stdout == "0\n"
-    help_text = subprocess.run([*cli, "run", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run([*cli, "run", "--help"], capture_output=True, text=True,
+                               check=True).stdout
     for flag in ("--user", "--uid-map", "--gid-map", "--network", "--no-init", "--cwd"):
         assert flag in help_text
