@@ -16,7 +16,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from dataclasses import dataclass
 
 from .cgroupfs import CgroupHost, Hierarchy, read_keyed, read_pids
@@ -246,8 +245,9 @@ def _remove_dir(host: CgroupHost, path: str, deadline: float) -> None:
 
 
 # Sandboxes still running when the server exits go with it: PR_SET_PDEATHSIG
-# kills their inits, and this removes their cgroups.
-_live: weakref.WeakSet[SandboxCgroup] = weakref.WeakSet()
+# kills their inits, and this removes their cgroups. Strong references: a
+# sandbox nobody waits for any more still has a cgroup to remove.
+_live: set[SandboxCgroup] = set()
 
 
 @atexit.register

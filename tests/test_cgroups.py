@@ -13,6 +13,7 @@ NSPROV_REQUIRE_CGROUPS=1 (as in CI).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 import os
@@ -21,7 +22,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,18 @@ def _need(reason: str | None) -> None:
 
 
 CANT_LIMIT = _enforceable()
-V2_KILL = HOST.v2 is not None and os.path.exists(
-    os.path.join(parent_directory(HOST.v2, "auto") or "/nonexistent", "cgroup.procs"))
+
+
+def _v2_writable() -> bool:
+    if HOST.v2 is None:
+        return False
+    cgroup = create_cgroup(SandboxSpec(), "probe", host=CgroupHost(v2=HOST.v2))
+    if cgroup is not None:
+        cgroup.kill_and_remove()
+    return cgroup is not None
+
+
+V2_WRITABLE = _v2_writable()
 
 
 def our_groups(pid: int | None = None) -> list[tuple[Hierarchy, str]]:
@@ -102,6 +113,18 @@ def no_cgroup_left() -> Iterator[None]:
 async def start(spec: SandboxSpec, code: str, **kwargs: object) -> SandboxProcess:
     return await spawn(spec, [sys.executable, "-c", textwrap.dedent(code)], stdout=PIPE,
                        **kwargs)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(proc: SandboxProcess) -> AsyncIterator[SandboxProcess]:
+    """The sandbox, killed and reaped on the way out whatever the test did."""
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+        proc.close_pipes()
 
 
 async def finish(proc: SandboxProcess) -> tuple[int, str]:
@@ -167,11 +190,12 @@ def test_usage_reports_memory_pids_and_cpu(no_leaks: None, no_cgroup_left: None)
             print("ready", flush=True)
             sys.stdin.read()
         """, stdin=PIPE)
-        assert proc.stdout is not None and proc.stdin is not None and proc.cgroup is not None
-        await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
-        usage = proc.cgroup.usage()
-        proc.stdin.close()
-        await finish(proc)
+        async with running(proc):
+            assert proc.stdout and proc.stdin and proc.cgroup
+            await asyncio.get_running_loop().run_in_executor(None, proc.stdout.readline)
+            usage = proc.cgroup.usage()
+            proc.stdin.close()
+            await proc.wait()
         return usage
 
     usage = run(go())
@@ -216,14 +240,16 @@ def test_shell_fork_bomb_is_contained_and_killed(no_leaks: None, no_cgroup_left:
     _need(CANT_LIMIT)
 
     async def go() -> tuple[float, int, list[str]]:
-        proc = await spawn(SandboxSpec(pids_limit=32), ["bash", "-c", "b() { b | b & }; b; sleep 100"],
+        bomb = "b() { b | b & }; b; sleep 100"
+        proc = await spawn(SandboxSpec(pids_limit=32), ["bash", "-c", bomb],
                            stderr=subprocess.DEVNULL)
-        assert proc.cgroup is not None
-        await asyncio.sleep(1.0)
-        pids = proc.cgroup.usage()["pids"]
-        paths = list(proc.cgroup.paths)
-        proc.kill()
-        return pids, await proc.wait(), paths
+        async with running(proc):
+            assert proc.cgroup is not None
+            await asyncio.sleep(1.0)
+            pids = proc.cgroup.usage()["pids"]
+            paths = list(proc.cgroup.paths)
+            proc.kill()
+            return pids, await proc.wait(), paths
 
     pids, status, paths = run(go())
     assert 3 < pids <= 32
@@ -363,16 +389,52 @@ def test_kill_and_remove_kills_everything_inside(no_leaks: None, no_cgroup_left:
 
     async def go() -> tuple[int, list[str]]:
         proc = await spawn(LIMITS, ["sh", "-c", "sleep 100 & setsid sleep 100 & sleep 100"])
-        assert proc.cgroup is not None
-        paths = list(proc.cgroup.paths)
-        await asyncio.sleep(0.2)
-        proc.cgroup.kill_and_remove()
-        proc.cgroup.kill_and_remove()  # idempotent
-        return await asyncio.wait_for(proc.wait(), 5), paths
+        async with running(proc):
+            assert proc.cgroup is not None
+            paths = list(proc.cgroup.paths)
+            await asyncio.sleep(0.2)
+            proc.cgroup.kill_and_remove()
+            proc.cgroup.kill_and_remove()  # idempotent
+            return await asyncio.wait_for(proc.wait(), 5), paths
 
     status, paths = run(go())
     assert status == -9
     assert not [p for p in paths if os.path.exists(p)]
+
+
+def test_no_cgroup_left_when_the_server_exits_with_sandboxes_running(
+        no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+    server = textwrap.dedent("""
+        import asyncio
+        from nsprovisioner import SandboxSpec, spawn
+        async def main():
+            proc = await spawn(SandboxSpec(pids_limit=10), ["sh", "-c", "sleep 100 & sleep 100"])
+            print(" ".join(proc.cgroup.paths), flush=True)
+        asyncio.run(main())  # and exit, without waiting for the sandbox
+    """)
+    result = subprocess.run([sys.executable, "-c", server], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    paths = result.stdout.split()
+    assert paths and not [p for p in paths if os.path.exists(p)]
+
+
+def test_same_name_twice_gets_two_cgroups(no_leaks: None, no_cgroup_left: None) -> None:
+    _need(CANT_LIMIT)
+
+    async def go() -> tuple[list[str], list[str]]:
+        first = await spawn(LIMITS, ["sleep", "100"], name="kernel-r")
+        async with running(first):
+            second = await spawn(LIMITS, ["sleep", "100"], name="kernel-r")
+            async with running(second):
+                assert first.cgroup and second.cgroup
+                return first.cgroup.paths, second.cgroup.paths
+
+    first, second = run(go())
+    assert not set(first) & set(second)
+    assert all(os.path.basename(p) == "kernel-r" for p in first)
+    assert all(os.path.basename(p).startswith("kernel-r-") for p in second)
 
 
 @pytest.mark.parametrize("step", ["write_id_maps", "cgroup_attach", "clone_grandchild",
@@ -395,8 +457,7 @@ def v2_only_host() -> CgroupHost:
 @pytest.fixture
 def v2_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[bool]]:
     """spawn() sees only the cgroup2 mount; yields attach()'s placed_by_clone values."""
-    if not V2_KILL:
-        pytest.skip("no writable cgroup2 hierarchy")
+    _need(None if V2_WRITABLE else "the caller's cgroup2 cgroup is not writable")
     placed: list[bool] = []
     host = v2_only_host()
 
@@ -419,13 +480,14 @@ def test_v2_clone_into_cgroup_places_the_sandbox(v2_only: list[bool], no_leaks: 
                                                  no_cgroup_left: None) -> None:
     async def go() -> tuple[str, str, list[int], int]:
         proc = await spawn(SandboxSpec(), ["sh", "-c", "sleep 100 & sleep 100"])
-        assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
-        v2 = proc.cgroup.v2_dir
-        await asyncio.sleep(0.2)
-        line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
-        procs = [int(p) for p in Path(v2.path, "cgroup.procs").read_text().split()]
-        proc.cgroup.kill_and_remove()  # cgroup.kill: the init and everything under it
-        return line, v2.hierarchy.cgroup_path(v2.path), procs, await proc.wait()
+        async with running(proc):
+            assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
+            v2 = proc.cgroup.v2_dir
+            await asyncio.sleep(0.2)
+            line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
+            procs = [int(p) for p in Path(v2.path, "cgroup.procs").read_text().split()]
+            proc.cgroup.kill_and_remove()  # cgroup.kill: the init and everything under it
+            return line, v2.hierarchy.cgroup_path(v2.path), procs, await proc.wait()
 
     line, path, procs, status = run(go())
     assert v2_only == [True], "clone3 with CLONE_INTO_CGROUP placed the Child"
@@ -449,11 +511,11 @@ def test_v2_without_clone_into_cgroup_attach_moves_the_child(
     monkeypatch.setattr(spawn_module, "create_cgroup", without_fd)
 
     async def go() -> tuple[str, str]:
-        proc = await spawn(SandboxSpec(), ["cat", "/proc/self/cgroup"], stdout=PIPE)
-        assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
-        line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
-        path = proc.cgroup.v2_dir.hierarchy.cgroup_path(proc.cgroup.v2_dir.path)
-        await finish(proc)
+        proc = await spawn(SandboxSpec(), ["sleep", "100"])
+        async with running(proc):
+            assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
+            line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
+            path = proc.cgroup.v2_dir.hierarchy.cgroup_path(proc.cgroup.v2_dir.path)
         return line, path
 
     line, path = run(go())
@@ -503,7 +565,7 @@ def test_sweep_kills_and_removes_groups_of_dead_servers(no_leaks: None,
     orphan = subprocess.Popen(["sleep", "100"])
     made = []
     try:
-        for h in ([HOST.v2] if V2_KILL and HOST.v2 else []) + HOST.v1:
+        for h in ([HOST.v2] if V2_WRITABLE and HOST.v2 else []) + HOST.v1:
             parent = parent_directory(h, "auto")
             assert parent is not None
             path = os.path.join(parent, stale_name, "kernel-x")
@@ -574,8 +636,9 @@ def test_no_limits_never_block_a_start(no_leaks: None, no_cgroup_left: None) -> 
     async def go() -> tuple[int, str]:
         # a parent no hierarchy can make: no cgroup at all, and still a sandbox
         proc = await start(SandboxSpec(cgroup_parent="/cgroup.procs/x"), "print('ok')")
-        assert proc.cgroup is None
-        return await finish(proc)
+        async with running(proc):
+            assert proc.cgroup is None
+            return await finish(proc)
 
     assert run(go()) == (0, "ok\n")
 
