@@ -17,6 +17,7 @@ from .spawn import spawn
 
 # verb -> module with add_arguments(parser) and main(args) -> int
 VERB_MODULES: dict[str, tuple[str, str]] = {
+    "doctor": ("nsprovisioner.doctor", "check what this host supports and how to fix it"),
     "install": ("nsprovisioner.kernelspec", "wrap an installed kernelspec in a sandbox"),
 }
 

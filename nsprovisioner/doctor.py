@@ -1,0 +1,387 @@
+"""Check what this host supports for sandboxed kernels, and how to fix what it doesn't.
+
+Facts are gathered for real (namespaces by creating them), then judged by
+pure functions, so each diagnosis can also be tested with simulated facts.
+Exit status 0 means the shipped python3-sandboxed kernelspec can run here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import errno
+import json
+import os
+import platform
+import pwd
+import shutil
+import stat
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .cgroupfs import CgroupHost
+from .errors import SandboxError
+from .idmap import subordinate_ranges
+from .initexe import INIT_PATH
+from .sandbox import SandboxSpec
+
+SYSCTLS = (
+    "user.max_user_namespaces",
+    "kernel.unprivileged_userns_clone",
+    "kernel.apparmor_restrict_unprivileged_userns",
+    "vm.memfd_noexec",
+)
+OPTIONAL_NAMESPACES = ("ipc", "uts", "cgroup", "net")
+SYS_CLONE3 = 435
+SYS_CLOSE_RANGE = 436
+
+
+@dataclass
+class HelperFacts:
+    path: str | None = None
+    setuid: bool = False
+    file_caps: bool = False
+
+
+@dataclass
+class CgroupFacts:
+    v2_mount: str | None = None
+    v2_controllers: list[str] = field(default_factory=list)
+    v2_own_dir: str | None = None
+    v2_writable: bool = False
+    v1: dict[str, bool] = field(default_factory=dict)  # controller -> own dir writable
+
+
+@dataclass
+class HostFacts:
+    """Everything the diagnosis looks at; tests build these by hand."""
+
+    kernel: str = ""
+    euid: int = 0
+    user: str = ""
+    pidfd: bool = False
+    clone3: bool = False
+    close_range: bool = False
+    memfd_exec: bool = False
+    sysctls: dict[str, str | None] = field(default_factory=dict)
+    userns_error: str | None = None                 # None: a sandbox started
+    namespace_errors: dict[str, str | None] = field(default_factory=dict)
+    newuidmap: HelperFacts = field(default_factory=HelperFacts)
+    newgidmap: HelperFacts = field(default_factory=HelperFacts)
+    subuid: list[tuple[int, int]] = field(default_factory=list)
+    subgid: list[tuple[int, int]] = field(default_factory=list)
+    cgroup: CgroupFacts = field(default_factory=CgroupFacts)
+    libseccomp_error: str | None = None
+    init_present: bool = True
+    container: str | None = None
+
+
+@dataclass
+class Check:
+    name: str
+    status: str      # PASS, WARN or FAIL
+    detail: str
+    fix: str = ""
+    blocks_kernel: bool = False  # a FAIL here stops python3-sandboxed
+
+
+# ---- gathering ---------------------------------------------------------------
+
+def _sysctl(name: str) -> str | None:
+    try:
+        return Path("/proc/sys", name.replace(".", "/")).read_text().strip()
+    except OSError:
+        return None
+
+
+def _syscall_exists(number: int, *args: int) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall(number, *args)
+    return ctypes.get_errno() != errno.ENOSYS
+
+
+def _helper(name: str) -> HelperFacts:
+    path = shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/bin:/usr/sbin")
+    if path is None:
+        return HelperFacts()
+    mode = os.stat(path).st_mode
+    try:
+        caps = bool(os.getxattr(path, "security.capability"))
+    except OSError:
+        caps = False
+    return HelperFacts(path, bool(mode & stat.S_ISUID) and os.stat(path).st_uid == 0, caps)
+
+
+def _memfd_exec() -> bool:
+    try:
+        fd = os.memfd_create("nsprov-doctor", os.MFD_CLOEXEC | 0x10)  # MFD_EXEC
+    except OSError:
+        try:
+            fd = os.memfd_create("nsprov-doctor", os.MFD_CLOEXEC)
+        except OSError:
+            return False
+    try:
+        return bool(os.fstat(fd).st_mode & stat.S_IXUSR)
+    finally:
+        os.close(fd)
+
+
+def _container() -> str | None:
+    if Path("/.dockerenv").exists():
+        return "docker (/.dockerenv exists)"
+    if Path("/run/.containerenv").exists():
+        return "podman (/run/.containerenv exists)"
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return "kubernetes"
+    try:
+        environ = Path("/proc/1/environ").read_bytes().split(b"\0")
+        for entry in environ:
+            if entry.startswith(b"container="):
+                return entry.split(b"=", 1)[1].decode() or "container"
+    except OSError:
+        pass
+    return None
+
+
+async def _try_spawn(spec: SandboxSpec) -> str | None:
+    from .spawn import DEVNULL, spawn
+    try:
+        proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL)
+        code = await proc.wait()
+    except SandboxError as e:
+        return str(e)
+    return None if code == 0 else f"/bin/true exited with {code}"
+
+
+async def _probe_namespaces(facts: HostFacts) -> None:
+    base = ("user", "pid", "mount")
+    facts.userns_error = await _try_spawn(SandboxSpec(namespaces=base, seccomp="off"))
+    for name in OPTIONAL_NAMESPACES:
+        if facts.userns_error:
+            facts.namespace_errors[name] = "not tried: no user namespace"
+            continue
+        spec = (SandboxSpec(namespaces=base, seccomp="off", network="none") if name == "net"
+                else SandboxSpec(namespaces=(*base, name), seccomp="off"))
+        facts.namespace_errors[name] = await _try_spawn(spec)
+
+
+def _cgroup_facts() -> CgroupFacts:
+    host = CgroupHost.detect()
+    facts = CgroupFacts()
+    if host.v2 is not None:
+        facts.v2_mount = host.v2.mount
+        facts.v2_controllers = sorted(host.v2.controllers)
+        own = host.v2.directory(host.v2.own_path) if host.v2.own_path else None
+        facts.v2_own_dir = own
+        facts.v2_writable = bool(own and os.access(own, os.W_OK))
+    for h in host.v1:
+        own = h.directory(h.own_path) if h.own_path else None
+        for controller in h.controllers:
+            facts.v1[controller] = bool(own and os.access(own, os.W_OK))
+    return facts
+
+
+def gather_facts() -> HostFacts:
+    """Look at this host (creates a few short-lived sandboxes)."""
+    facts = HostFacts(kernel=platform.release(), euid=os.geteuid())
+    try:
+        facts.user = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        facts.user = str(os.getuid())
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+        facts.pidfd = True
+    except OSError:
+        facts.pidfd = False
+    facts.clone3 = _syscall_exists(SYS_CLONE3, 0, 0)
+    facts.close_range = _syscall_exists(SYS_CLOSE_RANGE, 2**31 - 1, 2**31 - 1, 0)
+    facts.memfd_exec = _memfd_exec()
+    facts.sysctls = {name: _sysctl(name) for name in SYSCTLS}
+    facts.init_present = os.access(INIT_PATH, os.X_OK)
+    facts.newuidmap = _helper("newuidmap")
+    facts.newgidmap = _helper("newgidmap")
+    facts.subuid = subordinate_ranges(Path("/etc/subuid"), os.getuid())
+    facts.subgid = subordinate_ranges(Path("/etc/subgid"), os.getuid())
+    facts.cgroup = _cgroup_facts()
+    try:
+        from .seccomp import build_filter
+        build_filter("default", True)
+    except (SandboxError, OSError) as e:
+        facts.libseccomp_error = str(e)
+    facts.container = _container()
+    if facts.init_present and facts.pidfd:
+        asyncio.run(_probe_namespaces(facts))
+    else:
+        facts.userns_error = "not tried: the init or pidfd is missing"
+    return facts
+
+
+# ---- judging -------------------------------------------------------------------
+
+def _userns_fix(facts: HostFacts) -> str:
+    s = facts.sysctls
+    if s.get("user.max_user_namespaces") == "0":
+        return "sysctl -w user.max_user_namespaces=15000 (and in /etc/sysctl.d/ to keep it)"
+    if s.get("kernel.unprivileged_userns_clone") == "0" and facts.euid != 0:
+        return "sysctl -w kernel.unprivileged_userns_clone=1 (Debian's switch for unprivileged users)"
+    if s.get("kernel.apparmor_restrict_unprivileged_userns") == "1" and facts.euid != 0:
+        return ("sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give the Jupyter "
+                "server's Python an AppArmor profile with the `userns,` rule (Ubuntu 24.04+)")
+    if facts.container:
+        return (f"this runs in a {facts.container} container whose seccomp profile likely blocks "
+                "unshare/clone: run it with a profile that allows them (Docker: --security-opt "
+                "seccomp=unconfined; Kubernetes: seccompProfile Unconfined or a custom profile)")
+    return "check `dmesg` and the sysctls user.max_user_namespaces and kernel.*userns*"
+
+
+def check_kernel(f: HostFacts) -> list[Check]:
+    missing = [name for name, ok in (("pidfd", f.pidfd), ("clone3", f.clone3),
+                                     ("close_range", f.close_range)) if not ok]
+    checks = [Check("kernel", "FAIL" if not f.pidfd else ("WARN" if missing else "PASS"),
+                    f"Linux {f.kernel}" + (f"; missing: {', '.join(missing)}" if missing else
+                                           "; pidfd, clone3, close_range"),
+                    "upgrade to Linux 5.9 or newer (pidfd 5.3, clone3 5.3, close_range 5.9)"
+                    if missing else "", blocks_kernel=not f.pidfd)]
+    noexec = f.sysctls.get("vm.memfd_noexec")
+    if f.memfd_exec and noexec in (None, "0", "1"):
+        checks.append(Check("memfd exec", "PASS",
+                            f"the init runs from a sealed memfd (vm.memfd_noexec={noexec})"))
+    else:
+        checks.append(Check("memfd exec", "WARN",
+                            f"memfd exec refused (vm.memfd_noexec={noexec}): the init runs from "
+                            "the installed file, which a sandbox can't write but root outside can",
+                            "sysctl -w vm.memfd_noexec=0 (or 1) to exec the init from a sealed copy"))
+    return checks
+
+
+def check_namespaces(f: HostFacts) -> list[Check]:
+    if f.userns_error:
+        return [Check("user namespaces", "FAIL", f"could not create one: {f.userns_error}",
+                      _userns_fix(f), blocks_kernel=True)]
+    checks = [Check("user, pid, mount namespaces", "PASS", "created a sandbox with them")]
+    for name in OPTIONAL_NAMESPACES:
+        error = f.namespace_errors.get(name)
+        if error is None:
+            checks.append(Check(f"{name} namespace", "PASS", "created"))
+        else:
+            checks.append(Check(
+                f"{name} namespace", "FAIL" if name != "net" else "WARN", error,
+                "check the namespace's user.max_*_namespaces sysctl"
+                + ("; without it network = 'none' can't work" if name == "net" else ""),
+                blocks_kernel=name != "net"))
+    return checks
+
+
+def check_id_helpers(f: HostFacts) -> list[Check]:
+    checks = []
+    for name, helper in (("newuidmap", f.newuidmap), ("newgidmap", f.newgidmap)):
+        if helper.path is None:
+            checks.append(Check(name, "WARN", "not installed: only single-id maps work",
+                                "apt-get install uidmap (Fedora: shadow-utils)"))
+        elif not (helper.setuid or helper.file_caps) and f.euid != 0:
+            checks.append(Check(name, "WARN", f"{helper.path} is neither setuid root nor has "
+                                "file capabilities", f"chmod u+s {helper.path}, or "
+                                f"setcap cap_set{name[3:6]}id+ep {helper.path}"))
+        else:
+            checks.append(Check(name, "PASS", helper.path))
+    if f.euid == 0:
+        checks.append(Check("subordinate ids", "PASS", "root writes any map directly"))
+    else:
+        for path, ranges in (("/etc/subuid", f.subuid), ("/etc/subgid", f.subgid)):
+            if ranges:
+                checks.append(Check(path, "PASS", ", ".join(f"{s}-{s + c - 1}" for s, c in ranges)))
+            else:
+                checks.append(Check(path, "WARN", f"no range for {f.user}: uid_map/gid_map can "
+                                    "only map your own id",
+                                    f"usermod --add-subuids 100000-165535 --add-subgids "
+                                    f"100000-165535 {f.user}"))
+    return checks
+
+
+def check_cgroups(f: HostFacts) -> list[Check]:
+    c = f.cgroup
+    wanted = ("memory", "pids", "cpu")
+    on_v2 = [x for x in wanted if x in c.v2_controllers]
+    on_v1 = [x for x in wanted if x in c.v1]
+    checks = []
+    if not on_v2 and not on_v1:
+        checks.append(Check("cgroup controllers", "WARN", "no memory, pids or cpu controller is "
+                            "mounted: memory_limit, pids_limit and cpu_limit can't be enforced",
+                            "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1)"))
+        return checks
+    if on_v1 and not on_v2:
+        checks.append(Check("cgroup version", "WARN", f"{', '.join(on_v1)} are on cgroup v1 "
+                            f"({'cgroup2 without controllers at ' + c.v2_mount if c.v2_mount else 'no cgroup2'})",
+                            "limits work on v1 too; cgroup v2 (systemd.unified_cgroup_hierarchy=1) "
+                            "adds cgroup.kill and CLONE_INTO_CGROUP"))
+    else:
+        checks.append(Check("cgroup version", "PASS", f"cgroup v2 at {c.v2_mount} with "
+                            f"{', '.join(c.v2_controllers) or 'no controllers'}"))
+    delegated = ([x for x in on_v2 if c.v2_writable] if on_v2 else
+                 [x for x in on_v1 if c.v1.get(x)])
+    missing = [x for x in (on_v2 or on_v1) if x not in delegated]
+    if f.euid == 0 and not missing:
+        checks.append(Check("cgroup delegation", "PASS", "root may create cgroups"))
+    elif missing:
+        where = c.v2_own_dir if on_v2 else "your cgroup in each v1 hierarchy"
+        checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)} not delegated to "
+                            f"{f.user} ({where} is not writable): kernels with limits fail "
+                            "(strict) or start without them", "systemd: `systemctl edit "
+                            "user@.service` with [Service] Delegate=yes (or Delegate=memory pids "
+                            "cpu), then log in again; or set cgroup_parent to a subtree chowned "
+                            f"to {f.user}"))
+    else:
+        checks.append(Check("cgroup delegation", "PASS", f"{', '.join(delegated)} writable"))
+    return checks
+
+
+def check_rest(f: HostFacts) -> list[Check]:
+    checks = [Check("sandbox init", "PASS" if f.init_present else "FAIL",
+                    str(INIT_PATH) if f.init_present else f"{INIT_PATH} is missing",
+                    "" if f.init_present else "reinstall nsprovisioner with a C compiler present",
+                    blocks_kernel=not f.init_present)]
+    if f.libseccomp_error:
+        checks.append(Check("libseccomp", "FAIL", f.libseccomp_error,
+                            "apt-get install libseccomp2 (Fedora: libseccomp), or seccomp = 'off'",
+                            blocks_kernel=True))
+    else:
+        checks.append(Check("libseccomp", "PASS", "default seccomp filter built"))
+    checks.append(Check("container", "WARN" if f.container else "PASS",
+                        f"inside a {f.container} container" if f.container else "not in a container",
+                        "the container needs unshare/clone/mount allowed by its seccomp and "
+                        "AppArmor profiles, an unmasked /proc, and delegated cgroups "
+                        "(docs/jupyterhub.md)" if f.container else ""))
+    return checks
+
+
+def diagnose(facts: HostFacts) -> list[Check]:
+    return (check_kernel(facts) + check_namespaces(facts) + check_id_helpers(facts)
+            + check_cgroups(facts) + check_rest(facts))
+
+
+def can_run_kernel(checks: list[Check]) -> bool:
+    return not any(c.status == "FAIL" and c.blocks_kernel for c in checks)
+
+
+# ---- the verb ----------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the facts and checks as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    facts = gather_facts()
+    checks = diagnose(facts)
+    ok = can_run_kernel(checks)
+    if args.json:
+        print(json.dumps({"facts": asdict(facts), "checks": [asdict(c) for c in checks],
+                          "can_run_kernel": ok}, indent=2))
+    else:
+        for c in checks:
+            print(f"{c.status:<5} {c.name}: {c.detail}")
+            if c.fix and c.status != "PASS":
+                print(f"      fix: {c.fix}")
+        print("python3-sandboxed can run here" if ok else
+              "python3-sandboxed can NOT run here: fix the FAIL lines above")
+    return 0 if ok else 1

@@ -1,0 +1,149 @@
+"""`nsprovisioner doctor`: for real on this host, and on simulated hosts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from nsprovisioner.doctor import (
+    CgroupFacts,
+    Check,
+    HelperFacts,
+    HostFacts,
+    can_run_kernel,
+    diagnose,
+)
+
+CLI = [sys.executable, "-m", "nsprovisioner.cli"]
+
+
+def healthy_host(**changes: object) -> HostFacts:
+    """A host where everything works, as an unprivileged user on cgroup v2."""
+    facts = HostFacts(
+        kernel="6.8.0", euid=1000, user="alice", pidfd=True, clone3=True, close_range=True,
+        memfd_exec=True,
+        sysctls={"user.max_user_namespaces": "63000", "kernel.unprivileged_userns_clone": "1",
+                 "kernel.apparmor_restrict_unprivileged_userns": "0", "vm.memfd_noexec": "0"},
+        namespace_errors=dict.fromkeys(("ipc", "uts", "cgroup", "net")),
+        newuidmap=HelperFacts("/usr/bin/newuidmap", setuid=True),
+        newgidmap=HelperFacts("/usr/bin/newgidmap", setuid=True),
+        subuid=[(100000, 65536)], subgid=[(100000, 65536)],
+        cgroup=CgroupFacts(v2_mount="/sys/fs/cgroup", v2_controllers=["cpu", "memory", "pids"],
+                           v2_own_dir="/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice",
+                           v2_writable=True),
+    )
+    for key, value in changes.items():
+        setattr(facts, key, value)
+    return facts
+
+
+def by_name(checks: list[Check], name: str) -> Check:
+    return next(c for c in checks if c.name == name)
+
+
+def test_healthy_host_passes_everything() -> None:
+    checks = diagnose(healthy_host())
+    assert [c for c in checks if c.status != "PASS"] == []
+    assert can_run_kernel(checks)
+
+
+def test_apparmor_restriction_is_diagnosed_with_its_fix() -> None:
+    facts = healthy_host(userns_error="unshare_user: Permission denied (EPERM)")
+    facts.sysctls["kernel.apparmor_restrict_unprivileged_userns"] = "1"
+    check = by_name(diagnose(facts), "user namespaces")
+    assert check.status == "FAIL"
+    assert "apparmor_restrict_unprivileged_userns=0" in check.fix
+    assert "userns" in check.fix
+    assert not can_run_kernel(diagnose(facts))
+
+
+def test_debian_sysctl_off_is_diagnosed() -> None:
+    facts = healthy_host(userns_error="EPERM")
+    facts.sysctls["kernel.unprivileged_userns_clone"] = "0"
+    assert "kernel.unprivileged_userns_clone=1" in by_name(diagnose(facts), "user namespaces").fix
+
+
+def test_max_user_namespaces_zero_is_diagnosed_first() -> None:
+    facts = healthy_host(userns_error="ENOSPC")
+    facts.sysctls["user.max_user_namespaces"] = "0"
+    facts.sysctls["kernel.unprivileged_userns_clone"] = "0"
+    assert "user.max_user_namespaces=15000" in by_name(diagnose(facts), "user namespaces").fix
+
+
+def test_container_seccomp_profile_is_suspected_when_sysctls_allow() -> None:
+    facts = healthy_host(userns_error="EPERM", container="docker")
+    fix = by_name(diagnose(facts), "user namespaces").fix
+    assert "seccomp" in fix and "docker" in fix
+
+
+def test_missing_newuidmap_warns_with_the_package() -> None:
+    checks = diagnose(healthy_host(newuidmap=HelperFacts(), newgidmap=HelperFacts()))
+    check = by_name(checks, "newuidmap")
+    assert check.status == "WARN"
+    assert "apt-get install uidmap" in check.fix
+    assert can_run_kernel(checks)  # single-id maps still work
+
+
+def test_helper_without_setuid_warns() -> None:
+    check = by_name(diagnose(healthy_host(newuidmap=HelperFacts("/usr/bin/newuidmap"))),
+                    "newuidmap")
+    assert check.status == "WARN" and "chmod u+s" in check.fix
+
+
+def test_no_subuid_range_names_usermod() -> None:
+    check = by_name(diagnose(healthy_host(subuid=[])), "/etc/subuid")
+    assert check.status == "WARN" and "usermod --add-subuids" in check.fix and "alice" in check.fix
+
+
+def test_cgroup_v1_only_host() -> None:
+    cg = CgroupFacts(v2_mount="/sys/fs/cgroup/unified", v2_controllers=[],
+                     v1={"memory": True, "pids": True, "cpu": True})
+    checks = diagnose(healthy_host(cgroup=cg))
+    version = by_name(checks, "cgroup version")
+    assert version.status == "WARN" and "cgroup v1" in version.detail
+    assert by_name(checks, "cgroup delegation").status == "PASS"
+
+
+def test_cgroup_not_delegated_names_systemd_delegate() -> None:
+    cg = CgroupFacts(v2_mount="/sys/fs/cgroup", v2_controllers=["cpu", "memory", "pids"],
+                     v2_own_dir="/sys/fs/cgroup/user.slice/user-1000.slice/session-3.scope",
+                     v2_writable=False)
+    checks = diagnose(healthy_host(cgroup=cg))
+    check = by_name(checks, "cgroup delegation")
+    assert check.status == "WARN"
+    assert "Delegate=yes" in check.fix and "session-3.scope" in check.detail
+    assert can_run_kernel(checks)  # only kernels with limits need it
+
+
+def test_no_libseccomp_blocks_the_default_kernel() -> None:
+    checks = diagnose(healthy_host(libseccomp_error="libseccomp.so.2: cannot open"))
+    assert "libseccomp2" in by_name(checks, "libseccomp").fix
+    assert not can_run_kernel(checks)
+
+
+def test_old_kernel_without_pidfd_fails() -> None:
+    checks = diagnose(healthy_host(pidfd=False, clone3=False, close_range=False, kernel="4.19"))
+    assert by_name(checks, "kernel").status == "FAIL"
+    assert not can_run_kernel(checks)
+
+
+def test_doctor_on_this_host() -> None:
+    """This machine runs the whole suite, so the doctor must say it can run kernels."""
+    result = subprocess.run([*CLI, "doctor"], capture_output=True, text=True, timeout=120,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  user, pid, mount namespaces" in result.stdout
+    assert "python3-sandboxed can run here" in result.stdout
+    for line in result.stdout.splitlines():
+        if line.startswith(("WARN", "FAIL")):
+            assert "fix:" in result.stdout
+
+
+def test_doctor_json() -> None:
+    result = subprocess.run([*CLI, "doctor", "--json"], capture_output=True, text=True,
+                            timeout=120, check=True)
+    report = json.loads(result.stdout)
+    assert report["can_run_kernel"] is True
+    assert report["facts"]["pidfd"] is True
+    assert {c["status"] for c in report["checks"]} <= {"PASS", "WARN", "FAIL"}
