@@ -17,6 +17,7 @@
 #include <sys/ioctl.h>
 #include <linux/filter.h>
 #include <linux/mount.h>
+#include <linux/openat2.h>
 #include <linux/sched.h>
 #include <linux/seccomp.h>
 #include <sched.h>
@@ -263,6 +264,68 @@ static int pivot_into(const char *root, const char *put_old)
     return chdir("/");
 }
 
+static int open_path_nofollow(const char *path)
+{
+    struct open_how how;
+
+    memset(&how, 0, sizeof(how));
+    how.flags = O_PATH | O_CLOEXEC;
+    how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
+}
+
+static void close_keep_errno(int fd)
+{
+    int saved = errno;
+
+    if (fd >= 0)
+        close(fd);
+    errno = saved;
+}
+
+/*
+ * The binds of configured paths. Python resolved them to real paths, but a
+ * process in another sandbox that can write a parent directory could swap
+ * in a symlink since then: both ends are opened refusing symlinks (ELOOP
+ * fails the start, it never redirects a mask), and the attributes are set on
+ * the detached copy, so a read-only path is never writable, not even for a
+ * moment. Before Linux 5.12 (ENOSYS): a plain bind, then the attributes.
+ */
+static int bind_nofollow(const struct nsx_mount *m)
+{
+    struct mount_attr attr;
+    struct nsx_mount setattr_op;
+    int src, dst = -1, tree = -1, rc = -1;
+
+    src = open_path_nofollow(m->source);
+    if (src >= 0)
+        dst = open_path_nofollow(m->target);
+    if (dst >= 0)
+        tree = (int)syscall(SYS_open_tree, src, "",
+                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+    if (tree >= 0) {
+        memset(&attr, 0, sizeof(attr));
+        attr.attr_set = m->mountflags;
+        if (m->mountflags == 0 ||
+            syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
+                    sizeof(attr)) == 0)
+            rc = (int)syscall(SYS_move_mount, tree, "", dst, "",
+                              MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+    }
+    close_keep_errno(tree);
+    close_keep_errno(dst);
+    close_keep_errno(src);
+    if (rc == 0 || errno != ENOSYS)
+        return rc;
+    if (mount(m->source, m->target, NULL, MS_BIND | MS_REC, NULL) < 0)
+        return -1;
+    if (m->mountflags == 0)
+        return 0;
+    setattr_op = *m;
+    setattr_op.flags |= NSX_MNT_RECURSIVE;
+    return set_mount_attr(&setattr_op);
+}
+
 static int run_mount_op(const struct nsx_mount *m)
 {
     int fd;
@@ -286,6 +349,8 @@ static int run_mount_op(const struct nsx_mount *m)
         return pivot_into(m->target, m->source);
     case NSX_MNT_CHMOD:
         return chmod(m->target, (mode_t)m->mountflags);
+    case NSX_MNT_BIND:
+        return bind_nofollow(m);
     }
     errno = EINVAL;
     return -1;
@@ -301,6 +366,7 @@ static const char *mount_op_name(int op)
     case NSX_MNT_SYMLINK: return "symlink";
     case NSX_MNT_PIVOT: return "pivot_root into";
     case NSX_MNT_CHMOD: return "chmod";
+    case NSX_MNT_BIND: return "bind";
     }
     return "unknown mount op on";
 }
@@ -320,7 +386,7 @@ static void run_mount_table(const struct nsx_config *cfg, int fd)
             len = 0;
             what[0] = '\0';
             append(what, &len, mount_op_name(m->op));
-            if (m->op == NSX_MNT_MOUNT || m->op == NSX_MNT_SYMLINK) {
+            if (m->op == NSX_MNT_MOUNT || m->op == NSX_MNT_SYMLINK || m->op == NSX_MNT_BIND) {
                 append(what, &len, " ");
                 append(what, &len, m->source ? m->source : m->fstype);
                 append(what, &len, " on");

@@ -100,7 +100,10 @@ enum nsx_mount_op {
     NSX_MNT_SYMLINK = 5,    /* symlink(source, target) */
     NSX_MNT_PIVOT = 6,      /* pivot_root into target; source NULL: detach the old
                              * root; else keep it at source (relative to target) */
-    NSX_MNT_CHMOD = 7       /* chmod(target, mountflags) */
+    NSX_MNT_CHMOD = 7,      /* chmod(target, mountflags) */
+    NSX_MNT_BIND = 8        /* recursive bind of source on target, following no
+                             * symlink, with the MOUNT_ATTR_* in mountflags set
+                             * before it is attached */
 };
 
 /* nsx_mount.flags */

@@ -32,13 +32,17 @@ MS_BIND = 0x1000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+HIDDEN_ATTRS = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC
 
 # Host paths during setup. The staging tmpfs covers /tmp only inside the new
 # mount namespace; after the first pivot_root it is "/".
 STAGE = "/tmp"
 NEWROOT = "/newroot"
 OLDROOT = "/oldroot"
-HIDDEN_FILE = "/hidden"  # the empty, mode-000 file bound over hidden files
+HIDDEN_FILE = "/hidden-file"  # the empty, mode-000 file bound over hidden files
 
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 DEV_LINKS = (("/proc/self/fd", "fd"), ("/proc/self/fd/0", "stdin"),
@@ -109,68 +113,78 @@ def _depth(path: str) -> int:
 class _Planner:
     def __init__(self) -> None:
         self.ops: list[MountOp] = []
-        self.mounted: dict[str, int | None] = {}  # inside path -> dir mode if our tmpfs
-        self.seal: list[str] = []  # our tmpfs mounts made read-only once filled
+        # inside path -> (where its mount points are made, their mode), for
+        # the filesystems of our own that later mounts may need points in
+        self.ours: dict[str, tuple[str, int]] = {}
+        self.binds: set[str] = set()
+        self.hidden_dirs = 0
 
     def add(self, op: int, target: str, *, source: str | None = None,
             fstype: str | None = None, mountflags: int = 0, data: str | None = None,
             flags: int = 0) -> None:
         self.ops.append(MountOp(op, target, source, fstype, mountflags, data, flags))
 
-    def tmpfs(self, path: str, mode: int, flags: int = MS_NOSUID | MS_NODEV,
-              dir_mode: int | None = 0o755, extra: str = "", optional: bool = False) -> None:
-        """A fresh tmpfs; dir_mode: the mode of mount points made in it, None for none."""
+    def mkdir(self, path: str, mode: int) -> None:
+        self.add(lib.NSX_MNT_MKDIR, path, mountflags=mode)
+        if mode == 0:  # a mode of 0 in the table means the default
+            self.add(lib.NSX_MNT_CHMOD, path, mountflags=0)
+
+    def tmpfs(self, path: str, mode: int, optional: bool = False) -> None:
+        """A fresh tmpfs at `path` inside, where deeper mount points are made 0755."""
         self.add(lib.NSX_MNT_MOUNT, NEWROOT + path, source="tmpfs", fstype="tmpfs",
-                 mountflags=flags, data=f"mode={mode:04o}{extra}",
+                 mountflags=MS_NOSUID | MS_NODEV, data=f"mode={mode:04o}",
                  flags=lib.NSX_MNT_OPTIONAL if optional else 0)
-        self.mounted[path] = dir_mode
+        self.ours[path] = (NEWROOT + path, 0o755)
 
     def mount_point(self, path: str, is_dir: bool) -> None:
-        """Create the mount point when it lies in one of our tmpfs (on the host it exists)."""
-        parents = [p for p in self.mounted if path.startswith(p.rstrip("/") + "/")]
-        if not parents:
+        """Create the mount point when it lies in one of our filesystems (on the host it exists).
+
+        Only the nearest enclosing mount counts: below a bind of the host the
+        point exists already, and nothing of the host may be created.
+        """
+        enclosing = [p for p in (*self.ours, *self.binds) if path.startswith(p + "/")]
+        if not enclosing:
             return
-        base = max(parents, key=len)
-        mode = self.mounted[base]
-        if mode is None:
+        nearest = max(enclosing, key=len)
+        if nearest not in self.ours:
             return
-        rest = path[len(base.rstrip("/")) + 1:].split("/")
-        current = base.rstrip("/")
+        base, mode = self.ours[nearest]
+        current = base
+        rest = path[len(nearest) + 1:].split("/")
         for part in rest[:-1]:
             current += "/" + part
-            self.add(lib.NSX_MNT_MKDIR, NEWROOT + current, mountflags=mode)
+            self.mkdir(current, mode)
         if is_dir:
-            self.add(lib.NSX_MNT_MKDIR, NEWROOT + path, mountflags=mode)
+            self.mkdir(current + "/" + rest[-1], mode)
         else:
-            self.add(lib.NSX_MNT_TOUCH, NEWROOT + path)
+            self.add(lib.NSX_MNT_TOUCH, current + "/" + rest[-1])
 
-    def bind(self, path: str, readonly: bool) -> None:
-        self.mount_point(path, os.path.isdir(path))
-        self.add(lib.NSX_MNT_MOUNT, NEWROOT + path, source=OLDROOT + path,
-                 mountflags=MS_BIND | MS_REC)
-        if readonly:
-            self.add(lib.NSX_MNT_SETATTR, NEWROOT + path, mountflags=MOUNT_ATTR_RDONLY,
-                     flags=lib.NSX_MNT_RECURSIVE)
-        self.mounted[path] = None
+    def bind(self, path: str, source: str, attrs: int) -> None:
+        self.add(lib.NSX_MNT_BIND, NEWROOT + path, source=source, mountflags=attrs)
+        self.binds.add(path)
 
-    def hide(self, path: str, has_visible_children: bool) -> None:
-        if os.path.isdir(path):
-            self.mount_point(path, True)
-            # Traversable (never listable) only when a deeper path must stay reachable.
-            mode = 0o111 if has_visible_children else 0
-            self.tmpfs(path, mode, MS_NOSUID | MS_NODEV | MS_NOEXEC, dir_mode=mode,
-                       extra=",size=16k")
-            self.seal.append(path)
+    def user_path(self, path: str, kind: str, visible_below: bool) -> None:
+        is_dir = os.path.isdir(path)
+        self.mount_point(path, is_dir)
+        if kind != "hidden":
+            self.bind(path, OLDROOT + path, MOUNT_ATTR_RDONLY if kind == "readonly" else 0)
+        elif not is_dir:
+            self.bind(path, HIDDEN_FILE, MOUNT_ATTR_RDONLY)
         else:
-            self.mount_point(path, False)
-            self.add(lib.NSX_MNT_MOUNT, NEWROOT + path, source=HIDDEN_FILE,
-                     mountflags=MS_BIND)
-            self.add(lib.NSX_MNT_SETATTR, NEWROOT + path, mountflags=MOUNT_ATTR_RDONLY)
-            self.mounted[path] = None
+            # An empty directory of the staging root, read-only from the start.
+            # Traversable (never listable) only when a deeper path must stay
+            # reachable; its mount points are made in the staging copy.
+            self.hidden_dirs += 1
+            stage = f"/hidden-dir-{self.hidden_dirs}"
+            mode = 0o111 if visible_below else 0
+            self.mkdir(stage, mode)
+            self.bind(path, stage, HIDDEN_ATTRS)
+            self.ours[path] = (stage, mode)
 
     def dev(self) -> None:
         """A /dev with only harmless nodes, bound from the host (mknod needs real root)."""
-        self.tmpfs("/dev", 0o755, MS_NOSUID | MS_NOEXEC, dir_mode=None)
+        self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev", source="tmpfs", fstype="tmpfs",
+                 mountflags=MS_NOSUID | MS_NOEXEC, data="mode=0755")
         for node in DEV_NODES:
             self.add(lib.NSX_MNT_TOUCH, f"{NEWROOT}/dev/{node}")
             self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev/{node}", source=f"{OLDROOT}/dev/{node}",
@@ -184,14 +198,13 @@ class _Planner:
                  mountflags=MS_NOSUID | MS_NODEV, data="mode=1777")
         for source, name in DEV_LINKS:
             self.add(lib.NSX_MNT_SYMLINK, f"{NEWROOT}/dev/{name}", source=source)
-        self.seal.append("/dev")
+        self.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/dev", mountflags=MOUNT_ATTR_RDONLY)
 
     def proc(self) -> None:
         """A /proc of the sandbox's pid namespace, with the host-revealing parts masked."""
         optional = lib.NSX_MNT_OPTIONAL
         self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/proc", source="proc", fstype="proc",
                  mountflags=MS_NOSUID | MS_NODEV | MS_NOEXEC)
-        self.mounted["/proc"] = None
         for name in PROC_MASKED_FILES:
             self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/proc/{name}", source=f"{OLDROOT}/dev/null",
                      mountflags=MS_BIND, flags=optional)
@@ -237,15 +250,11 @@ def plan_mounts(spec: SandboxSpec, cwd: str) -> list[MountOp]:
             _plan_own(p, path)
             continue
         kind = user_paths[path]
-        if kind == "hidden":
-            visible_below = any(other.startswith(path + "/") and other_kind != "hidden"
-                                for other, other_kind in user_paths.items())
-            p.hide(path, visible_below)
-        else:
-            p.bind(path, readonly=kind == "readonly")
+        visible_below = kind == "hidden" and any(
+            other.startswith(path + "/") and other_kind != "hidden"
+            for other, other_kind in user_paths.items())
+        p.user_path(path, kind, visible_below)
 
-    for path in p.seal:
-        p.add(lib.NSX_MNT_SETATTR, NEWROOT + path, mountflags=MOUNT_ATTR_RDONLY)
     p.add(lib.NSX_MNT_PIVOT, NEWROOT)
     return p.ops
 
@@ -259,6 +268,5 @@ def _plan_own(p: _Planner, path: str) -> None:
         # read-only even with a writable root: sysfs files are the host kernel's
         p.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/sys", mountflags=MOUNT_ATTR_RDONLY,
               flags=lib.NSX_MNT_OPTIONAL | lib.NSX_MNT_RECURSIVE)
-        p.mounted["/sys"] = None
     else:  # /tmp, /var/tmp
         p.tmpfs(path, 0o1777, optional=path == "/var/tmp")

@@ -7,6 +7,7 @@ probe inside that reports errno names as JSON; several checks share one run.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
+from nsprovisioner import PIPE, SandboxError, SandboxSpec, mounts, spawn
 from nsprovisioner.mounts import DEV_NODES, PROC_MASKED_DIRS, PROC_MASKED_FILES, PROC_READONLY
 
 from .conftest import run
@@ -196,8 +197,28 @@ def test_hidden_directory_without_visible_children_is_mode_000(no_leaks: None,
     r = probe(SandboxSpec(hidden_paths=[str(hidden)], private_tmp=False), f"""
         out["mode"] = oct(os.stat({str(hidden)!r}).st_mode & 0o7777)
         out["traverse"] = err(os.stat, {str(hidden / "sub")!r})
+        out["chmod"] = err(os.chmod, {str(hidden)!r}, 0o755)  # its owner is the sandbox user
     """)
-    assert r["mode"] == "0o0" and r["traverse"] == "EACCES"
+    assert r["mode"] == "0o0" and r["traverse"] == "EACCES" and r["chmod"] == "EROFS"
+
+
+def test_binds_never_follow_a_symlink_swapped_in_after_planning(
+        no_leaks: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If a path became a symlink between planning and mounting, the start fails.
+
+    Planning resolves real paths; skipping that here stands for a symlink
+    swapped in by a process in another sandbox at the worst moment.
+    """
+    (tmp_path / "real" / "runtime").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    spec = SandboxSpec(hidden_paths=[str(tmp_path / "link" / "runtime")], readwrite_paths=(),
+                       private_tmp=False)
+    r = probe(spec, f"out['hidden'] = err(os.listdir, {str(tmp_path / 'real' / 'runtime')!r})")
+    assert r["hidden"] == "EACCES"  # planned normally: the real path is hidden
+    monkeypatch.setattr(mounts, "expand_path", lambda value, key, cwd: value)
+    with pytest.raises(SandboxError) as info:
+        probe(spec, "")
+    assert info.value.step == "mount" and info.value.errno == errno.ELOOP
 
 
 def test_readonly_root_off(no_leaks: None, tmp_path: Path, workdir: Path) -> None:
