@@ -49,8 +49,8 @@ def sys_err(rc):
 
 
 async def probe_async(spec: SandboxSpec, *scripts: str, **kwargs: Any) -> dict[str, Any]:
-    code = "".join(textwrap.dedent(s) + "\n" for s in (PRELUDE, *scripts))
-    argv = [sys.executable, "-c", code + "print(json.dumps(out))"]
+    source = "".join(textwrap.dedent(s) + "\n" for s in (PRELUDE, *scripts))
+    argv = [sys.executable, "-c", source + "print(json.dumps(out))"]
     proc = await spawn(spec, argv, stdout=PIPE, stderr=PIPE, **kwargs)
     assert proc.stdout is not None and proc.stderr is not None
     out, errs = await asyncio.gather(asyncio.to_thread(proc.stdout.read),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import SandboxSpec
+from nsprovisioner.idmap import subordinate_ranges
 from nsprovisioner.seccomp import DENIED, _load_libseccomp
 
 from .test_boundary import probe
@@ -138,9 +139,16 @@ def test_setuid_binary_gains_nothing(no_leaks: None, shared_dir: Path) -> None:
     the setuid copy of cat; the second runs as its uid 1000 and executes it.
     """
     own_uid, own_gid = os.getuid(), os.getgid()
-    outside_root = 100000  # nsuser's /etc/subuid range, and free for real root
+    if own_uid == 0:
+        outside_root = outside_root_group = 100000  # any unused id will do for real root
+    else:
+        subuids = subordinate_ranges(Path("/etc/subuid"), own_uid)
+        subgids = subordinate_ranges(Path("/etc/subgid"), own_uid)
+        if not subuids or not subgids:
+            pytest.skip("a second id inside needs subordinate ids in /etc/subuid and /etc/subgid")
+        outside_root, outside_root_group = subuids[0][0], subgids[0][0]
     uid_map = [f"0:{outside_root}:1", f"1000:{own_uid}:1"]
-    gid_map = [f"0:{outside_root}:1", f"1000:{own_gid}:1"]
+    gid_map = [f"0:{outside_root_group}:1", f"1000:{own_gid}:1"]
     shared = shared_dir
     cat = shutil.which("cat")
     assert cat is not None
