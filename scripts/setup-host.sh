@@ -18,15 +18,6 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The JupyterHub end-to-end test needs configurable-http-proxy, from npm.
-if ! command -v configurable-http-proxy >/dev/null; then
-    if ! command -v npm >/dev/null; then
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq nodejs npm >/dev/null
-    fi
-    $SUDO npm install -g --silent configurable-http-proxy >/dev/null
-fi
-
 if [ ! -x "$VENV/bin/python" ]; then
     $SUDO /usr/bin/python3 -m venv "$VENV"
     [ -z "$SUDO" ] || $SUDO chown -R "$(id -u):$(id -g)" "$VENV"

@@ -10,6 +10,15 @@ if [ "$(id -u)" -ne 0 ]; then
     exit 1
 fi
 bash "$REPO/scripts/setup-host.sh"
+# The JupyterHub end-to-end test needs configurable-http-proxy, from npm.
+if ! command -v configurable-http-proxy >/dev/null; then
+    if ! command -v npm >/dev/null; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null
+    fi
+    npm install -g --silent configurable-http-proxy >/dev/null
+fi
+
 
 # The tests run from a copy outside the source tree, so that they import the
 # installed package, and so that the test user can read them.
