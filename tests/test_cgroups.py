@@ -338,31 +338,43 @@ def test_limit_files_hold_the_configured_values(no_leaks: None, no_cgroup_left: 
                       f"{values.get('cpu.cfs_period_us')}") == "150000 100000"
 
 
-def test_limits_cant_be_raised_from_inside(no_leaks: None, no_cgroup_left: None) -> None:
+@pytest.mark.parametrize("readonly_root", [True, False])
+def test_limits_cant_be_raised_from_inside(readonly_root: bool, no_leaks: None,
+                                           no_cgroup_left: None) -> None:
     _need(CANT_LIMIT)
+    spec = SandboxSpec(memory_limit="64M", pids_limit=20, readonly_root=readonly_root)
+    code = """
+        import errno, sys
+        for path in sys.stdin.read().split():
+            try:
+                with open(path, "w") as f:
+                    f.write("max")
+                print("raised", path)
+            except OSError as e:
+                print("refused", errno.errorcode[e.errno])
+    """
 
-    async def go() -> tuple[int, str]:
-        proc = await start(SandboxSpec(memory_limit="64M", pids_limit=20), "print('x')")
-        assert proc.cgroup is not None
-        files = [os.path.join(d.path, f) for d in proc.cgroup.dirs
-                 for f in ("memory.max", "memory.limit_in_bytes", "pids.max")
-                 if os.path.exists(os.path.join(d.path, f))]
-        await finish(proc)
-        code = f"""
-            import errno
-            for path in {files!r}:
-                try:
-                    open(path, "w").write("max")
-                    print("raised", path)
-                except OSError as e:
-                    print("refused", errno.errorcode[e.errno])
-        """
-        proc = await start(SandboxSpec(memory_limit="64M", pids_limit=20), code)
-        return await finish(proc)
+    async def go() -> tuple[str, dict[str, str]]:
+        proc = await start(spec, code, stdin=PIPE)
+        async with running(proc):
+            assert proc.cgroup is not None and proc.stdin is not None
+            files = [os.path.join(d.path, f) for d in proc.cgroup.dirs
+                     for f in ("memory.max", "memory.limit_in_bytes", "pids.max")
+                     if os.path.exists(os.path.join(d.path, f))]
+            assert files
+            values: dict[str, str] = {}
+            # read when the sandbox has exited, before its cgroup goes
+            proc.add_exit_callback(
+                lambda _: values.update({f: Path(f).read_text().strip() for f in files}))
+            proc.stdin.write(" ".join(files).encode())
+            proc.stdin.close()
+            status, out = await finish(proc)
+            assert status == 0, out
+            return out, values
 
-    status, out = run(go())
-    assert status == 0 and out.strip()
+    out, values = run(go())
     assert "raised" not in out, out
+    assert values and all(v in (str(64 * MiB), "20") for v in values.values()), values
 
 
 # ---- cleanup ---------------------------------------------------------------------------
@@ -414,7 +426,7 @@ def test_no_cgroup_left_when_the_server_exits_with_sandboxes_running(
         asyncio.run(main())  # and exit, without waiting for the sandbox
     """)
     result = subprocess.run([sys.executable, "-c", server], capture_output=True, text=True,
-                            timeout=30)
+                            timeout=30, check=False)
     assert result.returncode == 0, result.stderr
     paths = result.stdout.split()
     assert paths and not [p for p in paths if os.path.exists(p)]
