@@ -28,13 +28,13 @@ LIMITS = SandboxSpec(memory_limit="256M", pids_limit=64, cpu_limit=1.0)
 
 
 async def sandbox_true(spec: SandboxSpec, with_cgroup: bool) -> None:
-    real = spawn_module.create_cgroup
+    real = getattr(spawn_module, "create_cgroup")  # noqa: B009 (spawn() shadows the module)
     if not with_cgroup:
-        spawn_module.create_cgroup = lambda spec, name: None
+        setattr(spawn_module, "create_cgroup", lambda spec, name: None)  # noqa: B010
     try:
         proc = await spawn(spec, ["/bin/true"])
     finally:
-        spawn_module.create_cgroup = real
+        setattr(spawn_module, "create_cgroup", real)  # noqa: B010
     if await proc.wait() != 0:
         raise RuntimeError("sandboxed /bin/true failed")
 
