@@ -344,12 +344,11 @@ def test_runtime_dir_is_hidden_but_own_connection_file_is_readable(
     async def main() -> None:
         km = manager(kernels, "namespace")
         async with started(km) as kc:
-            status, out = await execute(kc, "import os, json\n"
-                                        f"print(os.path.exists({str(other)!r}))\n"
-                                        f"print(json.load(open({km.connection_file!r}))['key'] "
-                                        "== json.load(open(" + repr(km.connection_file) + "))"
-                                        "['key'])\n"
-                                        f"print(os.access({km.connection_file!r}, os.W_OK))")
+            cf = km.connection_file
+            status, out = await execute(kc, f"import os, json\nprint(os.path.exists({str(other)!r}))\n"
+                                        f"print(len(json.load(open({cf!r}))['key']) > 0)\n"
+                                        f"print(os.access({cf!r}, os.W_OK))")
+            assert status == "ok"
             assert out.split() == ["False", "True", "False"], out
             prov = km.provisioner
             assert prov.resolve_path(str(other)) is None

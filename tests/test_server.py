@@ -58,11 +58,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, "JUPYTER_PATH": str(base / "share"),
            "JUPYTER_RUNTIME_DIR": str(base / "runtime"), "JUPYTER_CONFIG_DIR": str(base / "config"),
            "JUPYTER_TOKEN": TOKEN}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyter_server", f"--config={SANDBOX_ALL}", f"--port={port}",
-         "--ip=127.0.0.1", "--no-browser", "--allow-root", f"--ServerApp.root_dir={base / 'root'}",
-         "--MappingKernelManager.cull_idle_timeout=3", "--MappingKernelManager.cull_interval=1"],
-        env=env, stdout=subprocess.DEVNULL, stderr=open(base / "server.log", "w"))
+    with open(base / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", f"--config={SANDBOX_ALL}", f"--port={port}",
+             "--ip=127.0.0.1", "--no-browser", "--allow-root",
+             f"--ServerApp.root_dir={base / 'root'}", "--MappingKernelManager.cull_idle_timeout=3",
+             "--MappingKernelManager.cull_interval=1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 30
