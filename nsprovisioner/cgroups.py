@@ -81,11 +81,21 @@ def create_cgroup(spec: SandboxSpec, name: str | None, *,
     A limit that can't be enforced raises SandboxError when spec.strict, and
     is one warning otherwise. Without limits nothing here ever fails a start.
     """
-    host = CgroupHost.detect() if host is None else host
+    try:
+        host = CgroupHost.detect() if host is None else host
+    except (OSError, ValueError) as e:  # an unreadable or unexpected /proc/self/mountinfo
+        log.debug("cgroup hierarchies not found: %s", e)
+        host = CgroupHost()
     builder = _Builder(host, spec, sandbox_dir_name(name))
     with group_lock:
         try:
             builder.build()
+        except OSError as e:
+            # cgroupfs failed where it shouldn't (a race with an admin, a
+            # half-delegated tree): whatever is not in place yet is unenforced
+            where = e.filename if isinstance(e.filename, str) else "cgroupfs"
+            builder.unenforced(set(builder.limits), where, f"{where} failed unexpectedly",
+                               fix_for("writable", "", where), e.errno or 0)
         except BaseException:
             builder.cgroup().kill_and_remove()
             raise
