@@ -182,7 +182,10 @@ int main(int argc, char **argv)
 
     prctl(PR_SET_NAME, "nsinit", 0, 0, 0);
     configure_signals(&waited, &original);
-    unsetenv("JPY_PARENT_PID");  /* ipykernel would watch us, not Jupyter */
+    /* A server's pid means nothing in here; the command's parent is PID 1,
+     * for which ipykernel skips its parent poller. */
+    if (getenv("JPY_PARENT_PID"))
+        setenv("JPY_PARENT_PID", "1", 1);
     child = spawn(&args, &original);
 
     for (;;) {

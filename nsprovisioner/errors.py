@@ -123,6 +123,11 @@ def diagnose(step: str, err: int, detail: str) -> str | None:
             return "the command is not executable inside the sandbox: check its mode and mounts"
     if step == "chdir" and err in (errno_codes.ENOENT, errno_codes.ENOTDIR, errno_codes.EACCES):
         return "the working directory does not exist inside the sandbox or is not a directory"
+    if step == "mount" and err == errno_codes.ELOOP:
+        return ("a configured path is (or became) a symlink; paths are bound without following "
+                "symlinks so that a mask can't be redirected: name the real path")
+    if step == "mount" and err == errno_codes.ENOSYS:
+        return "read-only mounts need mount_setattr (Linux 5.12 or newer)"
     if step == "mount" and err == errno_codes.EPERM and "proc" in detail:
         return (
             "a fresh /proc can't be mounted: /proc is partly covered on this host (common in "

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Float, Int, List, Unicode, Union
 
+from .cgroups import sweep_stale_cgroups
 from .errors import SandboxError
 from .kernelsandbox import (
     CONFIG_KEYS,
@@ -129,6 +130,7 @@ class NamespaceProvisioner(LocalProvisioner):
         """LocalProvisioner's pre_launch (connection file, ports, command), then the sandbox."""
         # Options first: a bad one must fail before a connection file exists.
         spec, self.env_allowed = self.resolve_options()
+        self._sweep_once(spec.cgroup_parent)
         kwargs = await super().pre_launch(**kwargs)
         km = self.parent
         if km is not None and km.connection_file:
@@ -137,11 +139,31 @@ class NamespaceProvisioner(LocalProvisioner):
         self.spec = spec
         return kwargs
 
+    _swept: ClassVar[set[str]] = set()  # cgroup parents swept by this process
+
+    def _sweep_once(self, cgroup_parent: str) -> None:
+        """Remove the cgroups of sandboxes whose server died, once per parent and process."""
+        if cgroup_parent in NamespaceProvisioner._swept:
+            return
+        NamespaceProvisioner._swept.add(cgroup_parent)
+        try:
+            removed = sweep_stale_cgroups(cgroup_parent)
+        except OSError as e:
+            self.log.warning("could not sweep stale sandbox cgroups: %s", e)
+            return
+        if removed:
+            self.log.info("removed %d cgroup(s) left by servers that died: %s", len(removed),
+                          ", ".join(removed))
+
     def _finalize_env(self, env: dict[str, str]) -> None:
         super()._finalize_env(env)
         kept = kernel_env(env, self.env_allowed, getattr(self.kernel_spec, "env", {}) or {})
         env.clear()
         env.update(kept)
+        # The kernel's parent is the init, PID 1 inside: ipykernel skips its
+        # parent poller for PID 1 and, seeing a parent at all, prints no
+        # "standalone kernel" banner into the server's log.
+        env["JPY_PARENT_PID"] = "1"
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel in a new sandbox; a SandboxError leaves no file or process behind."""

@@ -313,8 +313,7 @@ def test_provisioner_info_round_trip(kernels: Path, provisioner: str, no_leaks: 
 
 
 SECRETS = {"JUPYTER_TOKEN": "t0ken", "JUPYTERHUB_API_TOKEN": "hub", "JPY_API_TOKEN": "jpy",
-           "SSH_AUTH_SOCK": "/tmp/agent", "AWS_SECRET_ACCESS_KEY": "aws",
-           "JPY_PARENT_PID": "1"}
+           "SSH_AUTH_SOCK": "/tmp/agent", "AWS_SECRET_ACCESS_KEY": "aws"}
 
 
 def test_server_secrets_stay_out_of_the_kernel(kernels: Path, monkeypatch: pytest.MonkeyPatch,
@@ -333,6 +332,7 @@ def test_server_secrets_stay_out_of_the_kernel(kernels: Path, monkeypatch: pytes
         async with started(manager(kernels, "with-env")) as kc:
             env = json.loads((await execute(kc, code))[1])
         assert not set(SECRETS) & set(env)
+        assert env["JPY_PARENT_PID"] == "1"  # the init, not the server
         # what the kernelspec asks for it gets, substitutions included
         assert env["FROM_SPEC"] == "t0ken-x"
         assert env["LC_TIME"] == "C" and env["PATH"] == os.environ["PATH"]

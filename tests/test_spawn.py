@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
+from nsprovisioner.cgroups import sweep_stale_cgroups
 from nsprovisioner.errors import STEP_NAMES
 from nsprovisioner.idmap import subordinate_ranges
 
@@ -178,9 +179,12 @@ def test_signals_reach_the_command_through_the_init(sig: int, no_leaks: None) ->
 
 def test_interrupt_reaches_the_commands_children(no_leaks: None) -> None:
     """SIGINT goes to the command's process group: a `sleep` it started dies at once."""
+    # "ready" only once `sleep` runs: Popen returns after the exec
+    script = ("import subprocess; p = subprocess.Popen(['sleep', '30']); "
+              "print('ready', flush=True); p.wait()")
+
     async def main() -> float:
-        proc = await spawn(SandboxSpec(), ["sh", "-c", "echo ready; sleep 30; echo after"],
-                           stdout=PIPE)
+        proc = await spawn(SandboxSpec(), [sys.executable, "-c", script], stdout=PIPE)
         assert proc.stdout is not None
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, proc.stdout.readline) == b"ready\n"
@@ -258,6 +262,8 @@ def test_sigkill_of_the_starting_process_kills_the_sandbox() -> None:
     while processes_in_pid_ns(ns) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert processes_in_pid_ns(ns) == []
+    # a killed server can't remove its sandboxes' cgroups: the next one sweeps them
+    sweep_stale_cgroups()
 
 
 def test_process_handle_is_race_free_after_exit(no_leaks: None) -> None:

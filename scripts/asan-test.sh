@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The clone stages (csrc/nsexec.c) under AddressSanitizer and UBSan: builds
+# the cffi extension with both into a scratch copy of the package and runs the
+# core tests against it, with the sanitizer runtimes preloaded into Python.
+# (nsinit runs under valgrind in tests/test_nsinit.py.)
+#   scripts/asan-test.sh [PYTHON]
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${1:-${VENV:-/opt/nsprovisioner-venv}/bin/python}
+SCRATCH=$(mktemp -d /tmp/nsprov-asan.XXXXXX)
+chmod 755 "$SCRATCH"  # sandboxes mapped to other uids must be able to enter it
+trap 'rm -rf "$SCRATCH"' EXIT
+cp -r "$REPO/csrc" "$REPO/nsprovisioner" "$REPO/tests" "$SCRATCH/"
+rm -f "$SCRATCH"/nsprovisioner/*.so
+cd "$SCRATCH"
+CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
+LDFLAGS="-fsanitize=address,undefined" \
+    "$PYTHON" -c "from nsprovisioner._build import ffibuilder; ffibuilder.compile(tmpdir='.')" >/dev/null
+# the init comes from the installed package (valgrind covers it)
+"$PYTHON" -c "import nsprovisioner.initexe as i, shutil; shutil.copy(i.INIT_PATH, 'nsprovisioner/nsinit')" \
+    2>/dev/null || cp "$REPO/nsprovisioner/nsinit" nsprovisioner/nsinit
+# handle_segv=0: the tests kill a sandboxed shell with SIGSEGV on purpose, and
+# the preloaded runtime reaches that shell through the environment.
+PYTHONPATH="$SCRATCH" \
+ASAN_OPTIONS=detect_leaks=0:handle_segv=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
+    "$PYTHON" -m pytest tests/test_spawn.py -q -p no:cacheprovider
