@@ -25,6 +25,8 @@ from traitlets import Bool, Float, Int, List, Unicode, Union
 
 from .cgroups import sweep_stale_cgroups
 from .errors import SandboxError
+from .ipcdir import endpoint as socket_endpoint
+from .ipcdir import expose_only, make_socket_dir, remove_socket_dir
 from .kernelsandbox import (
     CONFIG_KEYS,
     DEFAULT_ENV_KEEP,
@@ -99,6 +101,7 @@ class NamespaceProvisioner(LocalProvisioner):
         self.sandbox: SandboxProcess | None = None
         self.spec: SandboxSpec | None = None
         self.sandbox_pid: int | None = None
+        self.socket_dir: str | None = None  # network "none": this kernel's ipc sockets
         self.env_allowed: tuple[str, ...] = tuple(self.env_keep)
 
     @property
@@ -131,13 +134,27 @@ class NamespaceProvisioner(LocalProvisioner):
         # Options first: a bad one must fail before a connection file exists.
         spec, self.env_allowed = self.resolve_options()
         self._sweep_once(spec.cgroup_parent)
-        kwargs = await super().pre_launch(**kwargs)
         km = self.parent
+        if spec.network == "none" and km is not None:
+            self._use_ipc_transport(km)
+        kwargs = await super().pre_launch(**kwargs)
         if km is not None and km.connection_file:
             runtime_dirs = {jupyter_runtime_dir(), os.path.dirname(km.connection_file)}
             spec = hide_runtime_dirs(spec, sorted(runtime_dirs), km.connection_file)
+        if self.socket_dir is not None:
+            spec = expose_only(spec, self.socket_dir)
         self.spec = spec
         return kwargs
+
+    def _use_ipc_transport(self, km: Any) -> None:
+        """Loopback TCP can't cross into a private network namespace: switch this
+        kernel to ipc sockets in its own directory, before the connection file
+        is written. The directory outlives restarts; cleanup() removes it."""
+        if self.socket_dir is None:
+            self.socket_dir = make_socket_dir(self.kernel_id)
+        km.transport = "ipc"
+        km.ip = socket_endpoint(self.socket_dir)
+        km.cache_ports = False
 
     _swept: ClassVar[set[str]] = set()  # cgroup parents swept by this process
 
@@ -242,6 +259,9 @@ class NamespaceProvisioner(LocalProvisioner):
         await super().cleanup(restart=restart)
         if not restart:
             self.ports_cached = False
+            if self.socket_dir is not None:
+                remove_socket_dir(self.socket_dir)
+                self.socket_dir = None
 
     def resolve_path(self, path_str: str) -> str | None:
         """LocalProvisioner's answer, except for host paths the kernel can't see."""

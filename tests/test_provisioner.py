@@ -33,7 +33,13 @@ from .conftest import run
 pytestmark = pytest.mark.timeout(120)
 
 SHIPPED_SPEC = Path(__file__).parent.parent / "share/jupyter/kernels/python3-sandboxed"
-PROVISIONERS = ["local", "namespace"]
+PROVISIONERS = ["local", "namespace", "nonet"]
+# name -> (provisioner, its config): "nonet" is the sandbox with network "none",
+# which talks to Jupyter over ipc sockets instead of loopback tcp
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "local": ("local", {}), "namespace": ("namespace", {}),
+    "nonet": ("namespace", {"network": "none"}),
+}
 READY_TIMEOUT = 30
 
 
@@ -55,10 +61,11 @@ def write_kernelspec(kernels: Path, name: str, *, provisioner: str, interrupt_mo
 def kernels(tmp_path: Path) -> Path:
     """A kernelspec dir with one plain and one sandboxed kernel per interrupt mode."""
     kernels = tmp_path / "kernels"
-    for provisioner in PROVISIONERS:
-        write_kernelspec(kernels, provisioner, provisioner=provisioner)
-        write_kernelspec(kernels, f"{provisioner}-message", provisioner=provisioner,
-                         interrupt_mode="message")
+    for name in PROVISIONERS:
+        provisioner, config = VARIANTS[name]
+        write_kernelspec(kernels, name, provisioner=provisioner, config=config)
+        write_kernelspec(kernels, f"{name}-message", provisioner=provisioner,
+                         interrupt_mode="message", config=config)
     (tmp_path / "runtime").mkdir()
     (tmp_path / "work").mkdir()
     return kernels
@@ -133,7 +140,7 @@ def test_kernel_starts_and_runs_code(kernels: Path, provisioner: str, no_leaks: 
             assert status == "ok"
             pidns, pid1, cwd = out.split()
             assert cwd == str((kernels.parent / "work").resolve())
-            if provisioner == "namespace":
+            if provisioner != "local":
                 assert pidns != host_pidns()
                 assert pid1 == "nsinit"  # and ipykernel did not exit over JPY_PARENT_PID
             else:
@@ -192,13 +199,21 @@ def test_restart_gives_a_fresh_kernel(kernels: Path, provisioner: str, no_leaks:
         async with started(km) as kc:
             prov = km.provisioner
             before = (await execute(kc, code))[1].strip()
+            await execute(kc, "import builtins; builtins.nsprov_marker = 1")
+            init_before = getattr(prov, "sandbox_pid", None)
             await km.restart_kernel()
             await kc.wait_for_ready(timeout=READY_TIMEOUT)
             after = (await execute(kc, code))[1].strip()
+            marker = (await execute(kc, "import builtins; "
+                                        "print(hasattr(builtins, 'nsprov_marker'))"))[1]
+            assert marker.strip() == "False"  # a new kernel process
             assert km.provisioner is prov
             assert km._shutdown_status == _ShutdownStatus.ShutdownRequest
-            if provisioner == "namespace":
-                assert len({before, after, host_pidns()}) == 3
+            if provisioner != "local":
+                # a new sandbox: a new init, in its own pid namespace. (Its inode
+                # number may equal the old one's: Linux reuses freed ns numbers.)
+                assert prov.sandbox_pid != init_before
+                assert host_pidns() not in (before, after)
             else:
                 assert before == after == host_pidns()
     run(main())

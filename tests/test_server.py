@@ -48,6 +48,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     kernelspec(kernels, "plain", {})  # no provisioner: gets the server's default
     kernelspec(kernels, "local", {"kernel_provisioner": {"provisioner_name":
                                                          "local-provisioner"}})
+    kernelspec(kernels, "nonet", {"kernel_provisioner": {  # the ipc transport
+        "provisioner_name": "namespace-provisioner", "config": {"network": "none"}}})
     kernelspec(kernels, "typo", {"kernel_provisioner": {
         "provisioner_name": "namespace-provisioner", "config": {"memroy_limit": "1G"}}})
     for sub in ("runtime", "config", "root"):
@@ -137,8 +139,9 @@ PIDNS = "import os; print(open('/proc/1/cmdline').read().split(chr(0))[0], " \
         "os.readlink('/proc/self/ns/pid'), 'JUPYTER_TOKEN' in os.environ)"
 
 
-def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str) -> None:
-    status, kernel = request("POST", server + "/api/kernels", {"name": "plain"})
+@pytest.mark.parametrize("name", ["plain", "nonet"])
+def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str, name: str) -> None:
+    status, kernel = request("POST", server + "/api/kernels", {"name": name})
     assert status == 201, kernel
     kid = kernel["id"]
 
@@ -155,14 +158,19 @@ def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str) -> None:
             assert request("POST", f"{server}/api/kernels/{kid}/interrupt")[0] == 204
             await running
             assert time.monotonic() - begin < 8
+            await ch.execute("import builtins; builtins.nsprov_marker = 1")
             assert request("POST", f"{server}/api/kernels/{kid}/restart")[0] == 200
             for _ in range(50):  # the websocket reconnects to the new kernel
                 try:
-                    status, out = await ch.execute(PIDNS, timeout=2)
+                    status, out = await ch.execute(
+                        PIDNS + "; import builtins; print(hasattr(builtins, 'nsprov_marker'))",
+                        timeout=2)
                     break
                 except asyncio.TimeoutError:
                     continue
-            assert out.split()[0] == "nsinit" and out.split()[1] != pidns
+            # a new kernel (no marker) under a new init; the pid namespace's inode
+            # number may repeat, as Linux reuses freed namespace numbers
+            assert out.split()[0] == "nsinit" and out.split()[-1] == "False"
         finally:
             ws.close()
     run(main())
@@ -170,7 +178,7 @@ def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str) -> None:
     assert kid not in [k["id"] for k in request("GET", server + "/api/kernels")[1]]
 
 
-@pytest.mark.parametrize("name", ["local", "plain"])
+@pytest.mark.parametrize("name", ["local", "plain", "nonet"])
 def test_idle_kernels_are_culled(server: str, name: str) -> None:
     status, kernel = request("POST", server + "/api/kernels", {"name": name})
     assert status == 201
