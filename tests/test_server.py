@@ -152,6 +152,7 @@ def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str, name: str) -> 
             status, out = await ch.execute(PIDNS)
             pid1, pidns, token_seen = out.split()
             assert (status, pid1, token_seen) == ("ok", "nsinit", "False")
+            assert pidns != os.readlink("/proc/self/ns/pid")
             begin = time.monotonic()
             running = asyncio.ensure_future(ch.execute("import os; os.system('sleep 30')", 20))
             await asyncio.sleep(1.0)
