@@ -1,12 +1,13 @@
 """LocalProvisioner vs namespace-provisioner, measured in one run on this machine.
 
-    python benchmarks/kernels.py [--repeat 5] [--concurrent 10 50]
+    python benchmarks/kernels.py [--repeat 5] [--concurrent 10 50] [--json F] [--plot F.png]
 
 Start (start_kernel until the kernel answers kernel_info), interrupt latency
 (SIGINT until a running `time.sleep` reports KeyboardInterrupt), clean
 shutdown (shutdown_request until the process is reaped), and N kernels
 started at once (time until all are ready, failures). Medians; ratios are
-namespace / local. Targets: start <= 1.02x, shutdown <= 1.05x,
+to local. "nonet" is the sandbox with network = "none" (ipc transport).
+Targets: start <= 1.02x (also for nonet), shutdown <= 1.05x,
 interrupt <= 1.1x, 50 concurrent with 0 failures.
 """
 
@@ -26,16 +27,23 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
-PROVISIONERS = ("local", "namespace")
+# kernelspec name -> (provisioner, its config)
+VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "local": ("local", {}),
+    "namespace": ("namespace", {}),
+    "nonet": ("namespace", {"network": "none"}),
+}
+PROVISIONERS = tuple(VARIANTS)
 
 
 def write_kernelspecs(kernels: Path) -> None:
-    for name in PROVISIONERS:
+    for name, (provisioner, config) in VARIANTS.items():
         (kernels / name).mkdir(parents=True)
         (kernels / name / "kernel.json").write_text(json.dumps({
             "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
             "display_name": name, "language": "python",
-            "metadata": {"kernel_provisioner": {"provisioner_name": f"{name}-provisioner"}}}))
+            "metadata": {"kernel_provisioner": {"provisioner_name": f"{provisioner}-provisioner",
+                                                "config": config}}}))
 
 
 async def one_kernel(ksm: KernelSpecManager, name: str) -> dict[str, float]:
@@ -89,36 +97,73 @@ async def many_kernels(ksm: KernelSpecManager, name: str, count: int) -> tuple[f
     return elapsed, failures
 
 
-async def main(repeat: int, concurrent: list[int]) -> None:
+async def main(repeat: int, concurrent: list[int], json_out: Path | None,
+               plot_out: Path | None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         write_kernelspecs(Path(tmp))
         ksm = KernelSpecManager(kernel_dirs=[tmp])
         samples: dict[str, dict[str, list[float]]] = {p: {} for p in PROVISIONERS}
-        for _ in range(repeat):  # interleaved, so drift hits both alike
+        for _ in range(repeat):  # interleaved, so drift hits all alike
             for name in PROVISIONERS:
                 for key, value in (await one_kernel(ksm, name)).items():
                     samples[name].setdefault(key, []).append(value)
-        rows: list[tuple[str, str, str, str]] = []
+        results: dict[str, dict[str, Any]] = {}
         for key in ("start", "interrupt", "shutdown"):
-            local, ns = (statistics.median(samples[p][key]) for p in PROVISIONERS)
-            rows.append((f"{key} (median of {repeat})", f"{local * 1000:.0f} ms",
-                         f"{ns * 1000:.0f} ms", f"{ns / local:.2f}x"))
+            results[key] = {p: statistics.median(samples[p][key]) for p in PROVISIONERS}
         for count in concurrent:
-            found: dict[str, Any] = {}
-            for name in PROVISIONERS:
-                found[name] = await many_kernels(ksm, name, count)
-            (lt, lf), (nt, nf) = found["local"], found["namespace"]
-            rows.append((f"{count} concurrent, all ready", f"{lt:.1f} s ({lf} failed)",
-                         f"{nt:.1f} s ({nf} failed)", f"{nt / lt:.2f}x"))
-    header = ("measure", "local", "namespace", "ratio")
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(4)]
+            found = {name: await many_kernels(ksm, name, count) for name in PROVISIONERS}
+            results[f"{count} concurrent"] = {p: found[p][0] for p in PROVISIONERS}
+            results[f"{count} concurrent failures"] = {p: found[p][1] for p in PROVISIONERS}
+    print_table(results, repeat)
+    if json_out:
+        json_out.write_text(json.dumps({"repeat": repeat, "results": results}, indent=2))
+    if plot_out:
+        plot(results, plot_out)
+
+
+def print_table(results: dict[str, dict[str, Any]], repeat: int) -> None:
+    header = ("measure", *PROVISIONERS, *(f"{p}/local" for p in PROVISIONERS[1:]))
+    rows = []
+    for key, values in results.items():
+        if key.endswith("failures"):
+            rows.append((key, *(str(values[p]) for p in PROVISIONERS), *("",) * 2))
+            continue
+        unit = "s" if "concurrent" in key else "ms"
+        scale = 1 if unit == "s" else 1000
+        label = key if "concurrent" in key else f"{key} (median of {repeat})"
+        rows.append((label, *(f"{values[p] * scale:.{1 if unit == 's' else 0}f} {unit}"
+                              for p in PROVISIONERS),
+                     *(f"{values[p] / values['local']:.2f}x" for p in PROVISIONERS[1:])))
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
     for row in (header, tuple("-" * w for w in widths), *rows):
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
+
+
+def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in results if not k.endswith("failures")]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.35
+    for i, name in enumerate(PROVISIONERS[1:]):
+        ratios = [results[k][name] / results[k]["local"] for k in keys]
+        ax.bar([x + (i - 0.5) * width for x in range(len(keys))], ratios, width, label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(keys)), keys, rotation=15)
+    ax.set_ylabel("time / LocalProvisioner's")
+    ax.set_title("Sandboxed kernels against LocalProvisioner (same run)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--concurrent", type=int, nargs="*", default=[10, 50])
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the ratios (needs matplotlib)")
     args = parser.parse_args()
-    asyncio.run(main(args.repeat, args.concurrent))
+    asyncio.run(main(args.repeat, args.concurrent, args.json, args.plot))

@@ -25,5 +25,5 @@ fi
 [ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
 "$VENV/bin/python" -m pip install -q "$(dirname "$0")/..[test]" 2>&1 | grep -v "^WARNING: Location" || true
-"$VENV/bin/python" -c "import nsprovisioner._nsexec" || { echo "nsprovisioner did not install" >&2; exit 1; }
+(cd / && "$VENV/bin/python" -c "import nsprovisioner._nsexec") || { echo "nsprovisioner did not install" >&2; exit 1; }
 chmod -R a+rX "$VENV"
