@@ -42,6 +42,9 @@ status=0
 (cd "$WORK" && NSPROV_REQUIRE_CGROUPS=1 "$VENV/bin/python" -m pytest tests -q \
     -p no:cacheprovider) || status=1
 
+echo "== the clone stages under AddressSanitizer and UBSan"
+bash "$REPO/scripts/asan-test.sh" "$VENV/bin/python" || status=1
+
 echo "== tests as the unprivileged user $TEST_USER"
 useradd --create-home --shell /bin/bash "$TEST_USER"
 grep -q "^$TEST_USER:" /etc/subuid || usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$TEST_USER"
