@@ -350,19 +350,20 @@ def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir:
         proc = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--HistoryManager.enabled=True",
                                "-c", "x = 40 + 2; print(x)"], capture_output=True, text=True)
         out["ipython"] = [proc.returncode, proc.stdout.strip(), proc.stderr]
-        cache = os.path.expanduser("~/.cache/matplotlib")  # where matplotlib keeps its cache
-        os.makedirs(cache, exist_ok=True)
-        out["cache"] = err(write, cache + "/fontlist.json", "{}")
-        try:
-            import matplotlib
-            out["mpl"] = matplotlib.get_cachedir()
-        except ImportError:
-            out["mpl"] = None
+        # matplotlib builds its font cache on first use, and warns when it
+        # has to fall back to a temporary directory
+        proc = subprocess.run([sys.executable, "-c",
+                               "import matplotlib; matplotlib.use('Agg'); "
+                               "import matplotlib.pyplot as plt; plt.plot([1, 2]); "
+                               "plt.savefig('plot.png'); print(matplotlib.get_cachedir())"],
+                              capture_output=True, text=True)
+        out["mpl"] = [proc.returncode, proc.stdout.strip(), proc.stderr]
     """, cwd=workdir)
     code, stdout, stderr = r["ipython"]
     assert code == 0 and stdout.endswith("42"), stderr
     assert "warn" not in stderr.lower() and "warn" not in r["stderr"].lower(), stderr
     assert list(home.glob(".ipython/profile_*/history.sqlite"))
-    assert r["cache"] is None
-    if r["mpl"] is not None:
-        assert r["mpl"].startswith(str(home))
+    code, cachedir, stderr = r["mpl"]
+    assert code == 0, stderr
+    assert cachedir.startswith(str(home)) and "warn" not in stderr.lower(), stderr
+    assert list(Path(cachedir).glob("fontlist*.json"))
