@@ -298,8 +298,9 @@ def test_concurrent_spawns_from_threads_while_others_allocate() -> None:
             del blocks
 
     def spawner() -> None:
-        async def main() -> None:
-            procs = [await spawn(SandboxSpec(), ["/bin/true"]) for _ in range(5)]
+        async def main() -> None:  # 4 threads x 5 at once: 20 handshakes in flight
+            procs = await asyncio.gather(*(spawn(SandboxSpec(), ["/bin/true"])
+                                           for _ in range(5)))
             for proc in procs:
                 assert await proc.wait() == 0
         try:
