@@ -15,13 +15,15 @@ rm -f "$SCRATCH"/nsprovisioner/*.so
 cd "$SCRATCH"
 CFLAGS="-fsanitize=address,undefined -fno-omit-frame-pointer -O1" \
 LDFLAGS="-fsanitize=address,undefined" \
-    "$PYTHON" -c "from nsprovisioner._build import ffibuilder; ffibuilder.compile(tmpdir='.')" >/dev/null
+    "$PYTHON" -c "import runpy; runpy.run_path('nsprovisioner/_build.py')['ffibuilder'].compile(tmpdir='.')" \
+    >/dev/null
 # the init comes from the installed package (valgrind covers it)
-"$PYTHON" -c "import nsprovisioner.initexe as i, shutil; shutil.copy(i.INIT_PATH, 'nsprovisioner/nsinit')" \
-    2>/dev/null || cp "$REPO/nsprovisioner/nsinit" nsprovisioner/nsinit
+cp "$(cd / && "$PYTHON" -c "import nsprovisioner.initexe as i; print(i.INIT_PATH)")" nsprovisioner/nsinit
 # handle_segv=0: the tests kill a sandboxed shell with SIGSEGV on purpose, and
 # the preloaded runtime reaches that shell through the environment.
-PYTHONPATH="$SCRATCH" \
-ASAN_OPTIONS=detect_leaks=0:handle_segv=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
-LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)" \
-    "$PYTHON" -m pytest tests/test_spawn.py -q -p no:cacheprovider
+export PYTHONPATH="$SCRATCH"
+export ASAN_OPTIONS=detect_leaks=0:handle_segv=0 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
+# the tests must load this build, not the installed one
+"$PYTHON" -c "import nsprovisioner._nsexec as m; assert m.__file__.startswith('$SCRATCH'), m.__file__"
+"$PYTHON" -m pytest tests/test_spawn.py -q -p no:cacheprovider
