@@ -478,7 +478,6 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
     struct sock_fprog prog;
 
     close(cfg->child_sync_fd);
-    prctl(PR_SET_NAME, "nsprov[2:INIT]", 0, 0, 0);
     /* Dies with the Parent's thread; EOF on the socket covers the moment
      * before this call. */
     prctl(PR_SET_PDEATHSIG, SIGKILL, 0, 0, 0);
@@ -581,11 +580,15 @@ static _Noreturn void run_child(const struct nsx_config *cfg)
      * a second one (we only exit from here on), and runs on its own stack,
      * which lives in this frame because this function never returns.
      */
-    if (fault(cfg, NSX_STEP_CLONE_GRANDCHILD))
+    if (fault(cfg, NSX_STEP_CLONE_GRANDCHILD)) {
         grandchild = -1;
-    else
+    } else {
+        /* named before the clone, so that it carries its name from birth */
+        prctl(PR_SET_NAME, "nsprov[2:INIT]", 0, 0, 0);
         grandchild = clone(grandchild_main, grandchild_stack + sizeof(grandchild_stack),
                            CLONE_PARENT | CLONE_VM | SIGCHLD, (void *)cfg);
+        prctl(PR_SET_NAME, "nsprov[1:CHILD]", 0, 0, 0);
+    }
     if (grandchild < 0)
         bail(fd, NSX_STAGE_CHILD, NSX_STEP_CLONE_GRANDCHILD, "clone the grandchild", NULL);
     /* from here on every failure report carries the GrandChild's pid */

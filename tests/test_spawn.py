@@ -425,3 +425,32 @@ def test_cli_run_passes_stdio_and_exit_status() -> None:
                                check=True).stdout
     for flag in ("--user", "--uid-map", "--gid-map", "--network", "--no-init", "--cwd"):
         assert flag in help_text
+
+
+def test_stages_carry_readable_process_names(monkeypatch: pytest.MonkeyPatch,
+                                             no_leaks: None) -> None:
+    """Caught mid-handshake: the Child while its maps are written, the GrandChild
+    when its pid arrives (it waits for SYNC_GRANDCHILD then)."""
+    import nsprovisioner.handshake as handshake
+
+    spawn_module = sys.modules["nsprovisioner.spawn"]
+    names: dict[str, str] = {}
+    write_maps = spawn_module.write_id_maps
+    pidfd_open = os.pidfd_open
+
+    async def write_maps_and_look(pid: int, *args: object) -> None:
+        names["child"] = Path(f"/proc/{pid}/comm").read_text().strip()
+        await write_maps(pid, *args)
+
+    def pidfd_open_and_look(pid: int, *args: int) -> int:
+        names["grandchild"] = Path(f"/proc/{pid}/comm").read_text().strip()
+        return pidfd_open(pid, *args)
+
+    monkeypatch.setattr(spawn_module, "write_id_maps", write_maps_and_look)
+    monkeypatch.setattr(handshake.os, "pidfd_open", pidfd_open_and_look)
+
+    async def main() -> None:
+        proc = await spawn(SandboxSpec(), ["/bin/true"])
+        await proc.wait()
+    run(main())
+    assert names == {"child": "nsprov[1:CHILD]", "grandchild": "nsprov[2:INIT]"}
