@@ -431,7 +431,7 @@ def test_stages_carry_readable_process_names(monkeypatch: pytest.MonkeyPatch,
                                              no_leaks: None) -> None:
     """Caught mid-handshake: the Child while its maps are written, the GrandChild
     when its pid arrives (it waits for SYNC_GRANDCHILD then)."""
-    import nsprovisioner.handshake as handshake
+    from nsprovisioner import handshake
 
     spawn_module = sys.modules["nsprovisioner.spawn"]
     names: dict[str, str] = {}
