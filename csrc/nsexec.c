@@ -13,26 +13,24 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/capability.h>
-#include <net/if.h>
-#include <sys/ioctl.h>
 #include <linux/filter.h>
-#include <linux/mount.h>
-#include <linux/openat2.h>
 #include <linux/sched.h>
 #include <linux/seccomp.h>
+#include <net/if.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include "nsexec.h"
+#include "nsmount.h"
 
 #ifndef CLOSE_RANGE_CLOEXEC
 #define CLOSE_RANGE_CLOEXEC (1U << 2)
@@ -222,155 +220,6 @@ static int loopback_up(void)
     return ret;
 }
 
-/* Read-only (or other attributes) on one mount or a whole subtree. */
-static int set_mount_attr(const struct nsx_mount *m)
-{
-    struct mount_attr attr;
-    struct statfs st;
-    unsigned long keep;
-
-    memset(&attr, 0, sizeof(attr));
-    attr.attr_set = m->mountflags;
-    if (syscall(SYS_mount_setattr, AT_FDCWD, m->target,
-                AT_NO_AUTOMOUNT | ((m->flags & NSX_MNT_RECURSIVE) ? AT_RECURSIVE : 0),
-                &attr, sizeof(attr)) == 0)
-        return 0;
-    if (errno != ENOSYS || (m->flags & NSX_MNT_RECURSIVE) ||
-        m->mountflags != MOUNT_ATTR_RDONLY)
-        return -1;
-    /* Before Linux 5.12: a remount must repeat the flags the kernel locked. */
-    if (syscall(SYS_statfs, m->target, &st) < 0)
-        return -1;
-    keep = (unsigned long)st.f_flags &
-           (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME);
-    return mount(NULL, m->target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL);
-}
-
-/*
- * Two uses. With put_old, the staging step: the host's root moves to put_old
- * under the new root, where the binds of the table find their sources.
- * Without it, the final step: pivot_root(".", ".") stacks the old root on top
- * of the new one, and detaching it leaves only the new root, with nothing of
- * the host (nor of the staging area) reachable through it.
- */
-static int pivot_into(const char *root, const char *put_old)
-{
-    if (chdir(root) < 0)
-        return -1;
-    if (syscall(SYS_pivot_root, ".", put_old ? put_old : ".") < 0)
-        return -1;
-    if (!put_old && umount2(".", MNT_DETACH) < 0)
-        return -1;
-    return chdir("/");
-}
-
-static int open_path_nofollow(const char *path)
-{
-    struct open_how how;
-
-    memset(&how, 0, sizeof(how));
-    how.flags = O_PATH | O_CLOEXEC;
-    how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
-}
-
-static void close_keep_errno(int fd)
-{
-    int saved = errno;
-
-    if (fd >= 0)
-        close(fd);
-    errno = saved;
-}
-
-/*
- * The binds of configured paths. Python resolved them to real paths, but a
- * process in another sandbox that can write a parent directory could swap
- * in a symlink since then: both ends are opened refusing symlinks (ELOOP
- * fails the start, it never redirects a mask), and the attributes are set on
- * the detached copy, so a read-only path is never writable, not even for a
- * moment. Before Linux 5.12 (ENOSYS): a plain bind, then the attributes.
- */
-static int bind_nofollow(const struct nsx_mount *m)
-{
-    struct mount_attr attr;
-    struct nsx_mount setattr_op;
-    int src, dst = -1, tree = -1, rc = -1;
-
-    src = open_path_nofollow(m->source);
-    if (src >= 0)
-        dst = open_path_nofollow(m->target);
-    if (dst >= 0)
-        tree = (int)syscall(SYS_open_tree, src, "",
-                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
-    if (tree >= 0) {
-        memset(&attr, 0, sizeof(attr));
-        attr.attr_set = m->mountflags;
-        if (m->mountflags == 0 ||
-            syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
-                    sizeof(attr)) == 0)
-            rc = (int)syscall(SYS_move_mount, tree, "", dst, "",
-                              MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
-    }
-    close_keep_errno(tree);
-    close_keep_errno(dst);
-    close_keep_errno(src);
-    if (rc == 0 || errno != ENOSYS)
-        return rc;
-    if (mount(m->source, m->target, NULL, MS_BIND | MS_REC, NULL) < 0)
-        return -1;
-    if (m->mountflags == 0)
-        return 0;
-    setattr_op = *m;
-    setattr_op.flags |= NSX_MNT_RECURSIVE;
-    return set_mount_attr(&setattr_op);
-}
-
-static int run_mount_op(const struct nsx_mount *m)
-{
-    int fd;
-
-    switch (m->op) {
-    case NSX_MNT_MOUNT:
-        return mount(m->source, m->target, m->fstype, m->mountflags, m->data);
-    case NSX_MNT_SETATTR:
-        return set_mount_attr(m);
-    case NSX_MNT_MKDIR:
-        /* the mode is exact (a hidden directory's 0111 must not become 0101) */
-        if (mkdir(m->target, m->mountflags ? (mode_t)m->mountflags : 0755) < 0)
-            return errno == EEXIST ? 0 : -1;
-        return m->mountflags ? chmod(m->target, (mode_t)m->mountflags) : 0;
-    case NSX_MNT_TOUCH:
-        fd = open(m->target, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
-        return fd < 0 ? -1 : close(fd);
-    case NSX_MNT_SYMLINK:
-        return (symlink(m->source, m->target) < 0 && errno != EEXIST) ? -1 : 0;
-    case NSX_MNT_PIVOT:
-        return pivot_into(m->target, m->source);
-    case NSX_MNT_CHMOD:
-        return chmod(m->target, (mode_t)m->mountflags);
-    case NSX_MNT_BIND:
-        return bind_nofollow(m);
-    }
-    errno = EINVAL;
-    return -1;
-}
-
-static const char *mount_op_name(int op)
-{
-    switch (op) {
-    case NSX_MNT_MOUNT: return "mount";
-    case NSX_MNT_SETATTR: return "set mount attributes on";
-    case NSX_MNT_MKDIR: return "mkdir";
-    case NSX_MNT_TOUCH: return "create mount point";
-    case NSX_MNT_SYMLINK: return "symlink";
-    case NSX_MNT_PIVOT: return "pivot_root into";
-    case NSX_MNT_CHMOD: return "chmod";
-    case NSX_MNT_BIND: return "bind";
-    }
-    return "unknown mount op on";
-}
-
 static void run_mount_table(const struct nsx_config *cfg, int fd)
 {
     char what[NSX_DETAIL_MAX];
@@ -380,12 +229,12 @@ static void run_mount_table(const struct nsx_config *cfg, int fd)
     for (i = 0; i < cfg->n_mounts; i++) {
         const struct nsx_mount *m = &cfg->mounts[i];
 
-        if (fault(cfg, NSX_STEP_MOUNT) || run_mount_op(m) < 0) {
+        if (fault(cfg, NSX_STEP_MOUNT) || nsx_run_mount_op(m) < 0) {
             if ((m->flags & NSX_MNT_OPTIONAL) && errno == ENOENT)
                 continue;
             len = 0;
             what[0] = '\0';
-            append(what, &len, mount_op_name(m->op));
+            append(what, &len, nsx_mount_op_name(m->op));
             if (m->op == NSX_MNT_MOUNT || m->op == NSX_MNT_SYMLINK || m->op == NSX_MNT_BIND) {
                 append(what, &len, " ");
                 append(what, &len, m->source ? m->source : m->fstype);

@@ -19,7 +19,7 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
     '#include "nsexec.h"',
-    sources=[str(CSRC / "nsexec.c")],
+    sources=[str(CSRC / "nsexec.c"), str(CSRC / "nsmount.c")],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-std=gnu11"],
 )
