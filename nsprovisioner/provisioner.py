@@ -14,6 +14,7 @@ exits, so a worker thread would take its kernels down with it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from typing import Any, ClassVar
@@ -102,6 +103,7 @@ class NamespaceProvisioner(LocalProvisioner):
         self.spec: SandboxSpec | None = None
         self.sandbox_pid: int | None = None
         self.socket_dir: str | None = None  # network "none": this kernel's ipc sockets
+        self._background: set[asyncio.Future[None]] = set()
         self.env_allowed: tuple[str, ...] = tuple(self.env_keep)
 
     @property
@@ -204,6 +206,23 @@ class NamespaceProvisioner(LocalProvisioner):
         self.sandbox = proc
         self.sandbox_pid = proc.pid
         return self.connection_info
+
+    async def post_launch(self, **kwargs: Any) -> None:
+        """When the restarter stops restarting a kernel that keeps dying, jupyter_server
+        drops the kernel without calling cleanup(): the files must go then. (The
+        restarter exists from here on; a restart keeps the same one.)"""
+        await super().post_launch(**kwargs)
+        km = self.parent
+        if km is not None and hasattr(km, "add_restart_callback"):
+            km.remove_restart_callback(self._restarter_gave_up, "dead")
+            km.add_restart_callback(self._restarter_gave_up, "dead")
+
+    def _restarter_gave_up(self) -> None:
+        self.log.warning("kernel %s keeps dying and will not be restarted; removing its "
+                         "connection file and sockets", self.kernel_id)
+        task = asyncio.ensure_future(self._discard_launch_files())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _discard_launch_files(self) -> None:
         km = self.parent

@@ -461,3 +461,32 @@ def test_shipped_kernelspec_uses_the_namespace_provisioner() -> None:
     spec = json.loads((SHIPPED_SPEC / "kernel.json").read_text())
     assert spec["display_name"] == "Python 3 (sandboxed)"
     assert spec["metadata"]["kernel_provisioner"]["provisioner_name"] == "namespace-provisioner"
+
+
+@pytest.mark.parametrize("provisioner", ["namespace", "nonet"])
+def test_files_go_when_the_restarter_gives_up(kernels: Path, provisioner: str,
+                                              no_leaks: None) -> None:
+    """jupyter_server drops such a kernel without cleanup(): the provisioner cleans up."""
+    _, config = VARIANTS[provisioner]
+    write_kernelspec(kernels, "dies", provisioner="namespace", config=config,
+                     argv=[sys.executable, "-c", "import sys; sys.exit(3)", "{connection_file}"])
+
+    async def main() -> None:
+        km = manager(kernels, "dies", AsyncIOLoopKernelManager, config=Config(
+            {"KernelRestarter": {"time_to_dead": 0.1, "restart_limit": 1}}))
+        gave_up = asyncio.Event()
+        await km.start_kernel()
+        km.add_restart_callback(gave_up.set, "dead")
+        socket_dir = getattr(km.provisioner, "socket_dir", None)
+        await asyncio.wait_for(gave_up.wait(), 30)
+        deadline = time.monotonic() + 5
+        while os.path.exists(km.connection_file) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert not os.path.exists(km.connection_file)
+        assert list((kernels.parent / "runtime").iterdir()) == []
+        if socket_dir is not None:
+            assert not os.path.exists(socket_dir)
+        km.stop_restarter()
+        await km.cleanup_resources()  # what a caller that keeps the manager would do
+        km.context.destroy()
+    run(main())
