@@ -58,10 +58,12 @@ class _Stdio:
     """The fds the command gets as 0, 1, 2 (and pass_fds), and what to close after."""
 
     def __init__(self, stack: ExitStack) -> None:
-        self.stack = stack
         self.pairs: list[tuple[int, int]] = []
         self.parent_ends: list[IO[bytes] | None] = [None, None, None]
         self.child_ends: list[int] = []
+        # the child's ends go in any case; ours only when the spawn fails
+        stack.callback(self.close_child_ends)
+        stack.push(lambda failed, *_: self.close_parent_ends() if failed else None)
 
     def add(self, dst: int, spec: Stdio) -> None:
         if spec is None:
@@ -97,6 +99,7 @@ class _Stdio:
         for end in self.parent_ends:
             if end is not None:
                 end.close()
+        self.parent_ends = [None, None, None]
 
 
 class _CConfig:
@@ -185,7 +188,6 @@ async def _clone_and_handshake(
 ) -> SandboxProcess:
     with ExitStack() as stack:
         stdio = _Stdio(stack)
-        stack.callback(stdio.close_child_ends)
         for dst, s in enumerate(stdio_specs):
             stdio.add(dst, s)
         for fd in pass_fds:
@@ -261,7 +263,6 @@ async def _clone_and_handshake(
                 cfg.cgroup_fd = -1
                 pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
         if pid < 0:
-            stdio.close_parent_ends()
             raise SandboxError("clone of the sandbox child failed", step="clone_child",
                                errno=-pid)
         hs = Handshake(child_pid=pid, child_pidfd=pidfd[0])
@@ -281,7 +282,6 @@ async def _clone_and_handshake(
             await run_handshake(hs, child, grandchild, write_maps, attach_cgroup, fault)
         except BaseException:
             hs.abort()
-            stdio.close_parent_ends()
             raise
         proc = SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd,
                               stdin=stdio.parent_ends[0], stdout=stdio.parent_ends[1],

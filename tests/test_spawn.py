@@ -454,3 +454,10 @@ def test_stages_carry_readable_process_names(monkeypatch: pytest.MonkeyPatch,
         await proc.wait()
     run(main())
     assert names == {"child": "nsprov[1:CHILD]", "grandchild": "nsprov[2:INIT]"}
+
+
+@pytest.mark.parametrize("step", ["clone_child", "write_id_maps", "exec", None])
+def test_failed_spawn_with_pipes_leaks_nothing(step: str | None, no_leaks: None) -> None:
+    argv = ["/bin/true"] if step else ["no-such-command-here"]
+    with pytest.raises(SandboxError):
+        run(spawn(SandboxSpec(), argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, _fault_step=step))
