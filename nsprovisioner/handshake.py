@@ -57,7 +57,7 @@ class SyncChannel:
         try:
             data = await loop.sock_recv(self.sock, MSG_SIZE)
         except ConnectionResetError:
-            data = b""
+            data = self._after_reset()
         if not data:
             return None
         if len(data) != MSG_SIZE:
@@ -70,13 +70,27 @@ class SyncChannel:
                                            grandchild_pid=msg.pids[1])
         return msg
 
+    def _after_reset(self) -> bytes:
+        """When the peer exits with a message of ours unread, Linux reports
+        ECONNRESET once, ahead of the records the peer queued before exiting
+        (its error record among them): read past it. b"" at the end."""
+        try:
+            return self.sock.recv(MSG_SIZE)
+        except (BlockingIOError, ConnectionResetError):
+            return b""
+
     def raise_pending_error(self) -> None:
         """Raise the peer's error record if one is already queued: when the
         Parent's own step failed because the peer died, the record says why."""
-        try:
-            data = self.sock.recv(MSG_SIZE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-        except OSError:
-            return
+        data = b""
+        for _ in range(2):  # a first ECONNRESET hides the queued records
+            try:
+                data = self.sock.recv(MSG_SIZE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+                break
+            except ConnectionResetError:
+                continue
+            except OSError:
+                return
         if len(data) == MSG_SIZE:
             raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
             if raw.type == lib.NSX_SYNC_ERROR:
