@@ -33,6 +33,8 @@ SYSCTLS = (
     "vm.memfd_noexec",
 )
 OPTIONAL_NAMESPACES = ("ipc", "uts", "cgroup", "net")
+# steps whose failure means "no user namespace here" (None: not even tried)
+USERNS_STEPS = (None, "clone_child", "unshare_user", "write_id_maps")
 SYS_CLONE3 = 435
 SYS_CLOSE_RANGE = 436
 
@@ -66,6 +68,7 @@ class HostFacts:
     memfd_exec: bool = False
     sysctls: dict[str, str | None] = field(default_factory=dict)
     userns_error: str | None = None                 # None: a sandbox started
+    failed_step: str | None = None                  # where that first sandbox failed
     namespace_errors: dict[str, str | None] = field(default_factory=dict)
     newuidmap: HelperFacts = field(default_factory=HelperFacts)
     newgidmap: HelperFacts = field(default_factory=HelperFacts)
@@ -144,26 +147,28 @@ def _container() -> str | None:
     return None
 
 
-async def _try_spawn(spec: SandboxSpec) -> str | None:
+async def _try_spawn(spec: SandboxSpec) -> tuple[str | None, str | None]:
+    """(error, failed step) of starting /bin/true in `spec`; (None, None) when it ran."""
     from .spawn import DEVNULL, spawn
     try:
         proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL)
         code = await proc.wait()
     except SandboxError as e:
-        return str(e)
-    return None if code == 0 else f"/bin/true exited with {code}"
+        return str(e), e.step
+    return (None, None) if code == 0 else (f"/bin/true exited with {code}", "exec")
 
 
 async def _probe_namespaces(facts: HostFacts) -> None:
     base = ("user", "pid", "mount")
-    facts.userns_error = await _try_spawn(SandboxSpec(namespaces=base, seccomp="off"))
+    facts.userns_error, facts.failed_step = await _try_spawn(
+        SandboxSpec(namespaces=base, seccomp="off"))
     for name in OPTIONAL_NAMESPACES:
         if facts.userns_error:
-            facts.namespace_errors[name] = "not tried: no user namespace"
+            facts.namespace_errors[name] = "not tried: no sandbox could start"
             continue
         spec = (SandboxSpec(namespaces=base, seccomp="off", network="none") if name == "net"
                 else SandboxSpec(namespaces=(*base, name), seccomp="off"))
-        facts.namespace_errors[name] = await _try_spawn(spec)
+        facts.namespace_errors[name] = (await _try_spawn(spec))[0]
 
 
 def _cgroup_facts() -> CgroupFacts:
@@ -256,6 +261,11 @@ def check_kernel(f: HostFacts) -> list[Check]:
 
 
 def check_namespaces(f: HostFacts) -> list[Check]:
+    if f.userns_error and f.failed_step not in USERNS_STEPS:
+        # the user namespace worked; a later step of the first sandbox did not
+        return [Check("sandbox start", "FAIL", f"failed at {f.failed_step}: {f.userns_error}",
+                      "the message names the cause; see docs/troubleshooting.md for the step",
+                      blocks_kernel=True)]
     if f.userns_error:
         return [Check("user namespaces", "FAIL", f"could not create one: {f.userns_error}",
                       _userns_fix(f), blocks_kernel=True)]

@@ -49,7 +49,8 @@ def test_healthy_host_passes_everything() -> None:
 
 
 def test_apparmor_restriction_is_diagnosed_with_its_fix() -> None:
-    facts = healthy_host(userns_error="unshare_user: Permission denied (EPERM)")
+    facts = healthy_host(userns_error="unshare_user: Permission denied (EPERM)",
+                         failed_step="unshare_user")
     facts.sysctls["kernel.apparmor_restrict_unprivileged_userns"] = "1"
     check = by_name(diagnose(facts), "user namespaces")
     assert check.status == "FAIL"
@@ -75,6 +76,17 @@ def test_container_seccomp_profile_is_suspected_when_sysctls_allow() -> None:
     facts = healthy_host(userns_error="EPERM", container="docker")
     fix = by_name(diagnose(facts), "user namespaces").fix
     assert "seccomp" in fix and "docker" in fix
+
+
+def test_a_later_step_failing_is_not_blamed_on_user_namespaces() -> None:
+    facts = healthy_host(userns_error="sandbox grandchild failed at mount (...): ENOSYS. "
+                         "Read-only mounts need mount_setattr (Linux 5.12 or newer)",
+                         failed_step="mount")
+    checks = diagnose(facts)
+    check = by_name(checks, "sandbox start")
+    assert check.status == "FAIL" and "mount" in check.detail and "5.12" in check.detail
+    assert not [c for c in checks if c.name == "user namespaces"]
+    assert not can_run_kernel(checks)
 
 
 def test_missing_newuidmap_warns_with_the_package() -> None:
