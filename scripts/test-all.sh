@@ -25,9 +25,12 @@ fi
 WORK=$(mktemp -d /tmp/nsprov-tests.XXXXXX)
 TEST_USER="nsprovci$$"
 cleanup() {
+    local uid
+    uid=$(id -u "$TEST_USER" 2>/dev/null) || uid=""
     pkill -KILL -u "$TEST_USER" 2>/dev/null || true
     userdel -r "$TEST_USER" >/dev/null 2>&1 || true
-    rm -rf "$WORK"
+    # the user's pytest tmp and kernel-socket parent outlive it otherwise
+    rm -rf "$WORK" "/tmp/pytest-of-$TEST_USER" ${uid:+"/tmp/nsprov-$uid"}
 }
 trap cleanup EXIT
 cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$WORK/"
