@@ -1,4 +1,4 @@
-"""The GrandChild's mount table, planned in Python and run by csrc/nsexec.c.
+"""The GrandChild's mount table, planned in Python and run by csrc/nsmount.c.
 
 The layout follows bubblewrap: in the new (private) mount namespace a tmpfs
 becomes a staging root, the host's root moves under it to /oldroot, and the
