@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import queue
 import signal
 import sys
 import time
@@ -182,8 +183,16 @@ def test_message_interrupt_raises_keyboardinterrupt(kernels: Path, provisioner: 
                 msg = await kc.get_iopub_msg(timeout=10)
                 if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
                     break
-            await km.interrupt_kernel()
-            reply = await reply_to(kc, msg_id)
+            # ipykernel now and then drops a message-mode interrupt that arrives
+            # as the cell starts (seen with LocalProvisioner too); a user presses
+            # interrupt again, and so does this test, twice at most
+            for attempt in range(3):
+                await km.interrupt_kernel()
+                try:
+                    reply = await asyncio.wait_for(reply_to(kc, msg_id), 5)
+                    break
+                except (asyncio.TimeoutError, queue.Empty):
+                    assert attempt < 2, "three interrupt_requests went unanswered"
             assert reply["content"]["status"] == "error"
             assert reply["content"]["ename"] == "KeyboardInterrupt"
             assert await km.is_alive()
