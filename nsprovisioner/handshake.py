@@ -18,9 +18,8 @@ import asyncio
 import os
 import signal
 import socket
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ._nsexec import ffi, lib
 from .errors import STEP_VALUES, SandboxError
@@ -130,7 +129,6 @@ class Handshake:
     child_pidfd: int
     grandchild_pid: int = 0
     grandchild_pidfd: int = -1
-    timings: dict[str, float] = field(default_factory=dict)
 
     def abort(self) -> None:
         """Kill and reap whatever was started; close the pidfds."""
@@ -220,7 +218,6 @@ async def _drive(
     attach_cgroup: Callable[[int], None],
     fault_step: int,
 ) -> None:
-    t0 = time.perf_counter()
     await child.expect(lib.NSX_SYNC_USERMAP_PLS, "unshare_user")
     _fault(fault_step, "write_id_maps")
     try:
@@ -233,7 +230,6 @@ async def _drive(
     _fault(fault_step, "cgroup_attach")
     attach_cgroup(hs.child_pid)
     await child.send(lib.NSX_SYNC_USERMAP_ACK, "wait_usermap_ack")
-    hs.timings["usermap"] = time.perf_counter() - t0
 
     msg = await child.expect(lib.NSX_SYNC_RECVPID_PLS, "clone_grandchild")
     hs.grandchild_pid = msg.pids[1]
@@ -245,7 +241,6 @@ async def _drive(
                            step="pidfd_open", errno=e.errno or 0) from None
     await child.send(lib.NSX_SYNC_RECVPID_ACK, "wait_recvpid_ack")
     await child.expect(lib.NSX_SYNC_CHILD_READY, "send_child_ready")
-    hs.timings["recvpid"] = time.perf_counter() - t0
 
     # The Child is exiting now; tearing down its copy of our address space
     # takes a while, so the GrandChild starts meanwhile and we reap after.
@@ -264,4 +259,3 @@ async def _drive(
     if msg_or_eof is not None:
         raise SandboxError(f"unexpected {SYNC_NAMES.get(msg_or_eof.type)} after exec",
                            step="exec")
-    hs.timings["exec"] = time.perf_counter() - t0

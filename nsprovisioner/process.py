@@ -55,7 +55,6 @@ class SandboxProcess:
         try:
             result = os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:
-            result = None
             self._set_returncode(-signal.SIGKILL)  # reaped by someone else
             return self.returncode
         if result is None:

@@ -116,6 +116,11 @@ class _CConfig:
         self._keep.append(buf)
         return buf
 
+    def buffer(self, data: bytes) -> Any:
+        buf = ffi.from_buffer(data)
+        self._keep.append(buf)
+        return buf
+
     def string_array(self, items: Sequence[str]) -> Any:
         bufs = [self.string(s) for s in items]
         arr = ffi.new("char *[]", [*bufs, ffi.NULL])
@@ -243,9 +248,7 @@ async def _clone_and_handshake(
         cfg.no_new_privs = 1
         cfg.drop_caps = 1
         if seccomp_filter:
-            filter_buf = ffi.from_buffer(seccomp_filter)
-            c._keep.append(filter_buf)
-            cfg.seccomp_filter = filter_buf
+            cfg.seccomp_filter = c.buffer(seccomp_filter)
             cfg.seccomp_len = len(seccomp_filter) // 8  # struct sock_filter
         else:
             cfg.seccomp_filter = ffi.NULL

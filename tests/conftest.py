@@ -49,6 +49,21 @@ def child_processes() -> list[str]:
     return found
 
 
+async def execute_ok(kc: Any, code: str, timeout: float = 20) -> str:
+    """Run `code` in a kernel; its stdout (and traceback text), after asserting it ran ok."""
+    out: list[str] = []
+
+    def hook(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            out.append(msg["content"]["text"])
+        elif msg["msg_type"] == "error":
+            out.append("\n".join(msg["content"]["traceback"]))
+
+    reply = await kc.execute_interactive(code, timeout=timeout, output_hook=hook)
+    assert reply["content"]["status"] == "ok", "".join(out)
+    return "".join(out)
+
+
 @pytest.fixture
 def no_leaks() -> Iterator[None]:
     """Fail the test if it leaves a child process, zombie or fd of this process behind."""

@@ -12,7 +12,7 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from .conftest import run
+from .conftest import execute_ok, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,20 +53,6 @@ def kernelspec(kernels: Path) -> None:
     (kernels / "sandboxed" / "kernel.json").write_text(json.dumps(spec))
 
 
-async def execute(kc: Any, code: str) -> str:
-    out: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            out.append("\n".join(msg["content"]["traceback"]))
-
-    reply = await kc.execute_interactive(code, timeout=20, output_hook=hook)
-    assert reply["content"]["status"] == "ok", "".join(out)
-    return "".join(out)
-
-
 def test_kernel_sees_only_its_own_connection_file(tmp_path: Path, no_leaks: None,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     home, runtime, work, kernels = (tmp_path / n for n in ("home", "runtime", "work", "kernels"))
@@ -89,8 +75,8 @@ def test_kernel_sees_only_its_own_connection_file(tmp_path: Path, no_leaks: None
                 clients.append(kc)
                 await kc.wait_for_ready(timeout=30)
             own, other = (km.connection_file for km in managers)
-            await execute(clients[0], "1 + 1")  # a line of history
-            out = await execute(clients[0], f"OWN, OTHER = {own!r}, {other!r}\n" + PROBE)
+            await execute_ok(clients[0], "1 + 1")  # a line of history
+            out = await execute_ok(clients[0], f"OWN, OTHER = {own!r}, {other!r}\n" + PROBE)
             result: dict[str, Any] = json.loads(out)
             return result
         finally:

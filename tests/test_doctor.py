@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -147,9 +148,10 @@ def test_doctor_on_this_host() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     assert "PASS  user, pid, mount namespaces" in result.stdout
     assert "python3-sandboxed can run here" in result.stdout
-    for line in result.stdout.splitlines():
+    lines = result.stdout.splitlines()
+    for line, following in itertools.pairwise(lines):  # every WARN/FAIL is followed by its fix
         if line.startswith(("WARN", "FAIL")):
-            assert "fix:" in result.stdout
+            assert following.strip().startswith("fix: "), line
 
 
 def test_doctor_json() -> None:

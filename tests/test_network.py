@@ -22,7 +22,7 @@ from jupyter_client.manager import AsyncKernelManager
 from nsprovisioner import SandboxError
 from nsprovisioner.ipcdir import MAX_SOCKET_PATH, sockets_parent
 
-from .conftest import run
+from .conftest import execute_ok, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -61,19 +61,6 @@ async def started(km: AsyncKernelManager) -> AsyncIterator[Any]:
     finally:
         kc.stop_channels()
         await km.shutdown_kernel(now=True)
-
-
-async def execute(kc: Any, code: str) -> str:
-    out: list[str] = []
-
-    def hook(msg: dict[str, Any]) -> None:
-        if msg["msg_type"] == "stream":
-            out.append(msg["content"]["text"])
-        elif msg["msg_type"] == "error":
-            out.append("\n".join(msg["content"]["traceback"]))
-    reply = await kc.execute_interactive(code, timeout=20, output_hook=hook)
-    assert reply["content"]["status"] == "ok", "".join(out)
-    return "".join(out)
 
 
 PROBE = r"""
@@ -120,7 +107,7 @@ def test_network_none_reaches_nothing_but_its_own_loopback(kernels: Path) -> Non
                 assert km.transport == "ipc"
                 code = (PROBE.replace("HOST_PORT", str(host_port))
                         .replace("JUPYTER_PORT", str(jupyter.shell_port)))
-                result: dict[str, Any] = json.loads(await execute(kc, code))
+                result: dict[str, Any] = json.loads(await execute_ok(kc, code))
                 return result
     try:
         result = run(main())
@@ -147,7 +134,7 @@ def test_a_kernel_cannot_reach_another_kernels_sockets(kernels: Path) -> None:
                      f"try:\n    print(os.listdir({os.path.dirname(km_a.ip)!r}))\n"
                      f"    print(os.listdir({os.path.dirname(os.path.dirname(other))!r}))\n"
                      f"except OSError as e:\n    print(errno.errorcode[e.errno])\n")
-            lines = (await execute(kc_a, probe)).splitlines()
+            lines = (await execute_ok(kc_a, probe)).splitlines()
             return lines[0], "\n".join(lines[1:])
     connect, listing = run(main())
     assert connect in ("ENOENT", "EACCES")

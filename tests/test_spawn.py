@@ -337,24 +337,25 @@ def test_each_step_failing_leaks_nothing(step: str, no_leaks: None) -> None:
     assert step in str(info.value)
 
 
-@pytest.mark.parametrize("bad", [
-    {"namespaces": ["pid", "user", "mount", "time"]},
-    {"namespaces": ["user", "mount"]},
-    {"user": "nobody"},
-    {"uid_map": ["0:1000:0"]},
-    {"uid_map": ["0:100000:10", "5:200000:10"]},
-    {"uid_map": ["0:100000:10", "20:100005:10"]},
-    {"uid_map": ["0:4294967295:1"]},
-    {"uid_map": ["a:b:c"]},
-    {"uid_map": []},
-    {"network": "bridge"},
-    {"hostname": "bad host"},
+@pytest.mark.parametrize("bad, named", [
+    ({"namespaces": ["pid", "user", "mount", "time"]}, "'time'"),
+    ({"namespaces": ["user", "mount"]}, "pid"),
+    ({"user": "nobody"}, "'nobody'"),
+    ({"uid_map": ["0:1000:0"]}, "0:1000:0"),
+    ({"uid_map": ["0:100000:10", "5:200000:10"]}, "5:200000:10"),
+    ({"uid_map": ["0:100000:10", "20:100005:10"]}, "20:100005:10"),
+    ({"uid_map": ["0:4294967295:1"]}, "0:4294967295:1"),
+    ({"uid_map": ["a:b:c"]}, "'a:b:c'"),
+    ({"uid_map": []}, "uid_map is empty"),
+    ({"network": "bridge"}, "'bridge'"),
+    ({"hostname": "bad host"}, "'bad host'"),
 ])
-def test_invalid_specs_are_rejected_naming_the_value(bad: dict[str, object]) -> None:
+def test_invalid_specs_are_rejected_naming_the_value(bad: dict[str, object], named: str) -> None:
     with pytest.raises(SandboxError) as info:
         SandboxSpec(**bad)  # type: ignore[arg-type]
-    key = next(iter(bad))
-    assert key.split("_")[0] in str(info.value)
+    message = str(info.value)
+    assert next(iter(bad)).split("_")[0] in message  # the key
+    assert named in message                           # and the bad value
 
 
 @pytest.mark.parametrize("argv, match", [
