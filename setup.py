@@ -8,6 +8,7 @@ import os
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import LinkError
 
 C_FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"]
 
@@ -24,7 +25,13 @@ class BuildWithInit(build_ext):
             ["csrc/nsinit.c"], output_dir=self.build_temp, include_dirs=["csrc"],
             extra_postargs=C_FLAGS,
         )
-        self.compiler.link_executable(objects, "nsinit", output_dir=out_dir)
+        try:
+            # static: every sandbox start execs the init, and a static one
+            # skips the dynamic loader's work
+            self.compiler.link_executable(objects, "nsinit", output_dir=out_dir,
+                                          extra_postargs=["-static-pie"])
+        except LinkError:
+            self.compiler.link_executable(objects, "nsinit", output_dir=out_dir)
 
     def get_outputs(self) -> list[str]:
         out_dir = "nsprovisioner" if self.inplace else os.path.join(self.build_lib, "nsprovisioner")

@@ -162,14 +162,21 @@ struct nsx_config {
     unsigned short seccomp_len;
 
     int fault_step;          /* enum nsx_step to fail with EIO, test-only */
+
+    int *grandchild_tid;     /* the kernel stores the GrandChild's pid here
+                              * (seen by the Parent when memory is shared) */
 };
 
 /*
  * Clone the Child (stage 1). Returns its pid and stores a pidfd for it, or
  * returns -errno. *into_cgroup is set when clone3 placed it in cgroup_fd.
+ * *stack is the stages' stack in our memory (or NULL): release it with
+ * nsx_free_stack() only once both stages are reaped or exec'd, and keep
+ * cfg and everything it points to alive as long.
  * Only the calling thread returns; the Child never does.
  */
-int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup);
+int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, void **stack);
+void nsx_free_stack(void *stack);
 
 /* cdef-end */
 

@@ -1,7 +1,7 @@
 /*
  * The mount operations the GrandChild runs, between clone and exec: raw
  * syscalls on paths Python planned before the clone, nothing else (see
- * nsexec.c for the discipline). The table itself, and why each entry is in
+ * nsxsys.h for why they bypass libc). The table itself, and why each entry is in
  * its place, is nsprovisioner/mounts.py.
  */
 #define _GNU_SOURCE
@@ -17,29 +17,30 @@
 #include <unistd.h>
 
 #include "nsmount.h"
+#include "nsxsys.h"
 
 /* Read-only (or other attributes) on one mount or a whole subtree. */
-static int set_mount_attr(const struct nsx_mount *m)
+static long set_mount_attr(const struct nsx_mount *m)
 {
     struct mount_attr attr;
     struct statfs st;
     unsigned long keep;
+    long rc;
 
     memset(&attr, 0, sizeof(attr));
     attr.attr_set = m->mountflags;
-    if (syscall(SYS_mount_setattr, AT_FDCWD, m->target,
-                AT_NO_AUTOMOUNT | ((m->flags & NSX_MNT_RECURSIVE) ? AT_RECURSIVE : 0),
-                &attr, sizeof(attr)) == 0)
-        return 0;
-    if (errno != ENOSYS || (m->flags & NSX_MNT_RECURSIVE) ||
-        m->mountflags != MOUNT_ATTR_RDONLY)
-        return -1;
+    rc = NSX_SYS5(SYS_mount_setattr, AT_FDCWD, m->target,
+                  AT_NO_AUTOMOUNT | ((m->flags & NSX_MNT_RECURSIVE) ? AT_RECURSIVE : 0),
+                  &attr, sizeof(attr));
+    if (rc != -ENOSYS || (m->flags & NSX_MNT_RECURSIVE) || m->mountflags != MOUNT_ATTR_RDONLY)
+        return rc;
     /* Before Linux 5.12: a remount must repeat the flags the kernel locked. */
-    if (syscall(SYS_statfs, m->target, &st) < 0)
-        return -1;
+    if ((rc = NSX_SYS2(SYS_statfs, m->target, &st)) < 0)
+        return rc;
     keep = (unsigned long)st.f_flags &
            (MS_NOSUID | MS_NODEV | MS_NOEXEC | MS_NOATIME | MS_NODIRATIME | MS_RELATIME);
-    return mount(NULL, m->target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep, NULL);
+    return NSX_SYS5(SYS_mount, NULL, m->target, NULL, MS_REMOUNT | MS_BIND | MS_RDONLY | keep,
+                    NULL);
 }
 
 /*
@@ -49,34 +50,27 @@ static int set_mount_attr(const struct nsx_mount *m)
  * of the new one, and detaching it leaves only the new root, with nothing of
  * the host (nor of the staging area) reachable through it.
  */
-static int pivot_into(const char *root, const char *put_old)
+static long pivot_into(const char *root, const char *put_old)
 {
-    if (chdir(root) < 0)
-        return -1;
-    if (syscall(SYS_pivot_root, ".", put_old ? put_old : ".") < 0)
-        return -1;
-    if (!put_old && umount2(".", MNT_DETACH) < 0)
-        return -1;
-    return chdir("/");
+    long rc;
+
+    if ((rc = NSX_SYS1(SYS_chdir, root)) < 0)
+        return rc;
+    if ((rc = NSX_SYS2(SYS_pivot_root, ".", put_old ? put_old : ".")) < 0)
+        return rc;
+    if (!put_old && (rc = NSX_SYS2(SYS_umount2, ".", MNT_DETACH)) < 0)
+        return rc;
+    return NSX_SYS1(SYS_chdir, "/");
 }
 
-static int open_path_nofollow(const char *path)
+static long open_path_nofollow(const char *path)
 {
     struct open_how how;
 
     memset(&how, 0, sizeof(how));
     how.flags = O_PATH | O_CLOEXEC;
     how.resolve = RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
-    return (int)syscall(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
-}
-
-static void close_keep_errno(int fd)
-{
-    int saved = errno;
-
-    if (fd >= 0)
-        close(fd);
-    errno = saved;
+    return NSX_SYS4(SYS_openat2, AT_FDCWD, path, &how, sizeof(how));
 }
 
 /*
@@ -87,34 +81,38 @@ static void close_keep_errno(int fd)
  * the detached copy, so a read-only path is never writable, not even for a
  * moment. Before Linux 5.12 (ENOSYS): a plain bind, then the attributes.
  */
-static int bind_nofollow(const struct nsx_mount *m)
+static long bind_nofollow(const struct nsx_mount *m)
 {
     struct mount_attr attr;
     struct nsx_mount setattr_op;
-    int src, dst = -1, tree = -1, rc = -1;
+    long src, dst = -1, tree = -1, rc;
 
-    src = open_path_nofollow(m->source);
+    rc = src = open_path_nofollow(m->source);
     if (src >= 0)
-        dst = open_path_nofollow(m->target);
+        rc = dst = open_path_nofollow(m->target);
     if (dst >= 0)
-        tree = (int)syscall(SYS_open_tree, src, "",
-                            OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
+        rc = tree = NSX_SYS3(SYS_open_tree, src, "",
+                             OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC | AT_EMPTY_PATH | AT_RECURSIVE);
     if (tree >= 0) {
         memset(&attr, 0, sizeof(attr));
         attr.attr_set = m->mountflags;
-        if (m->mountflags == 0 ||
-            syscall(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
-                    sizeof(attr)) == 0)
-            rc = (int)syscall(SYS_move_mount, tree, "", dst, "",
-                              MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
+        rc = m->mountflags == 0 ? 0
+             : NSX_SYS5(SYS_mount_setattr, tree, "", AT_EMPTY_PATH | AT_RECURSIVE, &attr,
+                        sizeof(attr));
+        if (rc == 0)
+            rc = NSX_SYS5(SYS_move_mount, tree, "", dst, "",
+                          MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH);
     }
-    close_keep_errno(tree);
-    close_keep_errno(dst);
-    close_keep_errno(src);
-    if (rc == 0 || errno != ENOSYS)
+    if (tree >= 0)
+        NSX_SYS1(SYS_close, tree);
+    if (dst >= 0)
+        NSX_SYS1(SYS_close, dst);
+    if (src >= 0)
+        NSX_SYS1(SYS_close, src);
+    if (rc != -ENOSYS)
         return rc;
-    if (mount(m->source, m->target, NULL, MS_BIND | MS_REC, NULL) < 0)
-        return -1;
+    if ((rc = NSX_SYS5(SYS_mount, m->source, m->target, NULL, MS_BIND | MS_REC, NULL)) < 0)
+        return rc;
     if (m->mountflags == 0)
         return 0;
     setattr_op = *m;
@@ -122,34 +120,43 @@ static int bind_nofollow(const struct nsx_mount *m)
     return set_mount_attr(&setattr_op);
 }
 
-int nsx_run_mount_op(const struct nsx_mount *m)
+static long make_dir(const struct nsx_mount *m)
 {
-    int fd;
+    long rc = NSX_SYS3(SYS_mkdirat, AT_FDCWD, m->target,
+                       m->mountflags ? (mode_t)m->mountflags : 0755);
+
+    if (rc < 0)
+        return rc == -EEXIST ? 0 : rc;
+    /* the mode is exact (a hidden directory's 0111 must not become 0101) */
+    return m->mountflags ? NSX_SYS3(SYS_fchmodat, AT_FDCWD, m->target, m->mountflags) : 0;
+}
+
+long nsx_run_mount_op(const struct nsx_mount *m)
+{
+    long rc;
 
     switch (m->op) {
     case NSX_MNT_MOUNT:
-        return mount(m->source, m->target, m->fstype, m->mountflags, m->data);
+        return NSX_SYS5(SYS_mount, m->source, m->target, m->fstype, m->mountflags, m->data);
     case NSX_MNT_SETATTR:
         return set_mount_attr(m);
     case NSX_MNT_MKDIR:
-        /* the mode is exact (a hidden directory's 0111 must not become 0101) */
-        if (mkdir(m->target, m->mountflags ? (mode_t)m->mountflags : 0755) < 0)
-            return errno == EEXIST ? 0 : -1;
-        return m->mountflags ? chmod(m->target, (mode_t)m->mountflags) : 0;
+        return make_dir(m);
     case NSX_MNT_TOUCH:
-        fd = open(m->target, O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
-        return fd < 0 ? -1 : close(fd);
+        rc = NSX_SYS4(SYS_openat, AT_FDCWD, m->target,
+                      O_WRONLY | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0644);
+        return rc < 0 ? rc : NSX_SYS1(SYS_close, rc);
     case NSX_MNT_SYMLINK:
-        return (symlink(m->source, m->target) < 0 && errno != EEXIST) ? -1 : 0;
+        rc = NSX_SYS3(SYS_symlinkat, m->source, AT_FDCWD, m->target);
+        return rc == -EEXIST ? 0 : rc;
     case NSX_MNT_PIVOT:
         return pivot_into(m->target, m->source);
     case NSX_MNT_CHMOD:
-        return chmod(m->target, (mode_t)m->mountflags);
+        return NSX_SYS3(SYS_fchmodat, AT_FDCWD, m->target, m->mountflags);
     case NSX_MNT_BIND:
         return bind_nofollow(m);
     }
-    errno = EINVAL;
-    return -1;
+    return -EINVAL;
 }
 
 const char *nsx_mount_op_name(int op)

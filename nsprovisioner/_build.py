@@ -19,9 +19,12 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
     '#include "nsexec.h"',
-    sources=[str(CSRC / "nsexec.c"), str(CSRC / "nsmount.c")],
+    sources=[str(CSRC / name) for name in ("nsclone.c", "nsexec.c", "nsmount.c", "nsxsys.c")],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-std=gnu11"],
+    # Every symbol bound at load: the clone stages share the server's memory
+    # and must never enter the dynamic linker's lazy binding.
+    extra_link_args=["-Wl,-z,now"],
 )
 
 if __name__ == "__main__":

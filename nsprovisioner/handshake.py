@@ -18,8 +18,10 @@ import asyncio
 import os
 import signal
 import socket
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from ._nsexec import ffi, lib
 from .errors import STEP_VALUES, SandboxError
@@ -123,15 +125,27 @@ class SyncChannel:
 
 @dataclass
 class Handshake:
-    """What the Parent learns during the handshake, and what it must undo on failure."""
+    """What the Parent learns during the handshake, and what it must undo on failure.
+
+    `stack` is the stages' stack in our memory and `config` the buffers they
+    read (both shared with them, not copied): released only once both stages
+    are reaped or have exec'd. `grandchild_tid` is where the kernel stored the
+    GrandChild's pid at its clone, so that even a Child killed before it
+    could report the pid leaves no unreaped GrandChild behind.
+    """
 
     child_pid: int
     child_pidfd: int
     grandchild_pid: int = 0
     grandchild_pidfd: int = -1
+    stack: Any = None
+    grandchild_tid: Any = None
+    config: Any = None
 
     def abort(self) -> None:
-        """Kill and reap whatever was started; close the pidfds."""
+        """Kill and reap whatever was started; close the pidfds; release the stack."""
+        if not self.grandchild_pid and self.grandchild_tid is not None:
+            self.grandchild_pid = self.grandchild_tid[0]
         for pid, fd in ((self.child_pid, self.child_pidfd),
                         (self.grandchild_pid, self.grandchild_pidfd)):
             if pid <= 0:
@@ -148,6 +162,13 @@ class Handshake:
                 os.close(fd)
         self.child_pid = self.grandchild_pid = 0
         self.child_pidfd = self.grandchild_pidfd = -1
+        self.release()
+
+    def release(self) -> None:
+        """Give back the stages' stack and buffers: call once neither runs on them."""
+        if self.stack is not None:
+            lib.nsx_free_stack(self.stack)
+        self.stack = self.config = None
 
 
 def _pidfd_kill(fd: int) -> None:
@@ -197,10 +218,13 @@ async def run_handshake(
     fault_step: int = 0,
 ) -> None:
     """Drive the Child and GrandChild from clone to exec; raises SandboxError."""
+    drive = _drive(hs, child, grandchild, write_maps, attach_cgroup, fault_step)
     try:
-        await asyncio.wait_for(
-            _drive(hs, child, grandchild, write_maps, attach_cgroup, fault_step),
-            HANDSHAKE_TIMEOUT)
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(HANDSHAKE_TIMEOUT):  # no task of its own
+                await drive
+        else:
+            await asyncio.wait_for(drive, HANDSHAKE_TIMEOUT)
     except asyncio.TimeoutError:
         raise SandboxError(f"the sandbox did not start within {HANDSHAKE_TIMEOUT:.0f} s",
                            step="handshake") from None

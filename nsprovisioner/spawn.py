@@ -21,7 +21,7 @@ from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
-from .mounts import plan_mounts
+from .mounts import MountOp, plan_mounts
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env
 from .seccomp import build_filter
@@ -103,7 +103,11 @@ class _Stdio:
 
 
 class _CConfig:
-    """struct nsx_config and every buffer it points to, kept alive until the clone."""
+    """struct nsx_config and every buffer it points to.
+
+    The stages read these buffers in place (they share our memory), so the
+    object lives until both stages are reaped or have exec'd.
+    """
 
     def __init__(self) -> None:
         self._keep: list[Any] = []
@@ -121,19 +125,66 @@ class _CConfig:
         self._keep.append(buf)
         return buf
 
+    def keep(self, obj: Any) -> Any:
+        self._keep.append(obj)
+        return obj
+
     def string_array(self, items: Sequence[str]) -> Any:
-        bufs = [self.string(s) for s in items]
-        arr = ffi.new("char *[]", [*bufs, ffi.NULL])
-        self._keep.append(arr)
+        """A NULL-terminated char *[] over one buffer holding every string."""
+        encoded = [s.encode() for s in items]
+        data = self.keep(ffi.new("char[]", b"\0".join(encoded) + b"\0"))
+        arr = self.keep(ffi.new("char *[]", len(encoded) + 1))
+        offset = 0
+        for i, item in enumerate(encoded):
+            arr[i] = data + offset
+            offset += len(item) + 1
         return arr
 
-    def struct_array(self, ctype: str, items: list[dict[str, Any]]) -> Any:
-        arr = ffi.new(f"{ctype}[]", max(len(items), 1))
-        for i, item in enumerate(items):
-            for key, value in item.items():
-                setattr(arr[i], key, value)
-        self._keep.append(arr)
-        return arr
+
+class _MountTables:
+    """struct nsx_mount[] per mount plan, built once: a server starts its
+    kernels with the same few plans, and building the array was a good part
+    of the Python work per start. An entry is never changed once built, and
+    a spawn keeps the entry it uses alive (through its _CConfig) even if it
+    is evicted meanwhile."""
+
+    LIMIT = 32
+
+    def __init__(self) -> None:
+        self._tables: dict[tuple[MountOp, ...], _MountTable] = {}
+
+    def get(self, plan: Sequence[MountOp]) -> _MountTable:
+        key = tuple(plan)
+        table = self._tables.get(key)
+        if table is None:
+            table = _MountTable(key)
+            if len(self._tables) >= self.LIMIT:
+                self._tables.pop(next(iter(self._tables)))
+            self._tables[key] = table
+        return table
+
+
+class _MountTable:
+    """One plan as struct nsx_mount[], with the strings it points to."""
+
+    def __init__(self, plan: tuple[MountOp, ...]) -> None:
+        self._strings: dict[str, Any] = {}
+        self.count = len(plan)
+        self.array = ffi.new("struct nsx_mount[]", max(len(plan), 1))
+        for i, m in enumerate(plan):
+            self.array[i] = {"op": m.op, "flags": m.flags, "source": self._string(m.source),
+                             "target": self._string(m.target), "fstype": self._string(m.fstype),
+                             "mountflags": m.mountflags, "data": self._string(m.data)}
+
+    def _string(self, text: str | None) -> Any:
+        if text is None:
+            return ffi.NULL
+        if text not in self._strings:
+            self._strings[text] = ffi.new("char[]", text.encode())
+        return self._strings[text]
+
+
+_mount_tables = _MountTables()
 
 
 async def spawn(
@@ -187,7 +238,7 @@ async def spawn(
 
 async def _clone_and_handshake(
     spec: SandboxSpec, args: list[str], envp: list[str], environ: dict[str, str],
-    workdir: str, mounts: list[Any], seccomp_filter: bytes | None,
+    workdir: str, mounts: Sequence[MountOp], seccomp_filter: bytes | None,
     cgroup: SandboxCgroup | None, fault: int, deny_setgroups: bool,
     stdio_specs: tuple[Stdio, Stdio, Stdio], pass_fds: Sequence[int],
 ) -> SandboxProcess:
@@ -230,14 +281,12 @@ async def _clone_and_handshake(
         cfg.gid = spec.gid
         cfg.drop_groups = int(not deny_setgroups)
         cfg.hostname = c.string(spec.hostname if "uts" in spec.namespaces else None)
-        cfg.mounts = c.struct_array("struct nsx_mount", [
-            {"op": m.op, "flags": m.flags, "source": c.string(m.source),
-             "target": c.string(m.target), "fstype": c.string(m.fstype),
-             "mountflags": m.mountflags, "data": c.string(m.data)} for m in mounts])
-        cfg.n_mounts = len(mounts)
+        table = c.keep(_mount_tables.get(mounts))
+        cfg.mounts = table.array
+        cfg.n_mounts = table.count
         cfg.cwd = c.string(workdir)
-        cfg.fds = c.struct_array("struct nsx_fdmap",
-                                 [{"src": s, "dst": d} for s, d in stdio.pairs])
+        cfg.fds = c.keep(ffi.new("struct nsx_fdmap[]", [{"src": s, "dst": d}
+                                                        for s, d in stdio.pairs]))
         cfg.n_fds = len(stdio.pairs)
         cfg.sync_target_fd = sync_target
         cfg.sync_keep_on_exec = int(spec.init)
@@ -254,21 +303,25 @@ async def _clone_and_handshake(
             cfg.seccomp_filter = ffi.NULL
         cfg.fault_step = fault
 
+        cfg.grandchild_tid = grandchild_tid = ffi.new("int *")
         pidfd = ffi.new("int *")
         into_cgroup = ffi.new("int *")
+        stack = ffi.new("void **")
         if fault == STEP_VALUES["clone_child"]:
             pid = -5
         else:
-            pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
+            pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup, stack)
             if pid < 0 and cfg.cgroup_fd >= 0:
                 # CLONE_INTO_CGROUP refused (old kernel, not delegated): join
                 # through cgroup.procs before SYNC_USERMAP_ACK instead.
                 cfg.cgroup_fd = -1
-                pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup)
+                pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup, stack)
         if pid < 0:
             raise SandboxError("clone of the sandbox child failed", step="clone_child",
                                errno=-pid)
-        hs = Handshake(child_pid=pid, child_pidfd=pidfd[0])
+        # From here the stages read c's buffers in place: hs keeps them alive.
+        hs = Handshake(child_pid=pid, child_pidfd=pidfd[0], stack=stack[0],
+                       grandchild_tid=grandchild_tid, config=(c, grandchild_tid))
         child_end.close()
         gc_end.close()
         stdio.close_child_ends()
@@ -286,6 +339,7 @@ async def _clone_and_handshake(
         except BaseException:
             hs.abort()
             raise
+        hs.release()  # the Child is reaped, the GrandChild exec'd
         proc = SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd,
                               stdin=stdio.parent_ends[0], stdout=stdio.parent_ends[1],
                               stderr=stdio.parent_ends[2], cgroup=cgroup)

@@ -33,7 +33,7 @@ cleanup() {
     rm -rf "$WORK" "/tmp/pytest-of-$TEST_USER" ${uid:+"/tmp/nsprov-$uid"}
 }
 trap cleanup EXIT
-cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$WORK/"
+cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$REPO/csrc" "$WORK/"
 cp "$REPO/pyproject.toml" "$WORK/"
 chmod -R a+rX "$WORK"
 
