@@ -276,16 +276,24 @@ def test_process_handle_is_race_free_after_exit(no_leaks: None) -> None:
     run(main())
 
 
+def mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return len(f.readlines())
+
+
 def test_200_spawns_in_a_row_leak_nothing() -> None:
-    async def main() -> None:
-        for _ in range(200):
+    """No process, fd, or stack mapping (the stages' stacks live in our memory)."""
+    async def main(n: int) -> None:
+        for _ in range(n):
             proc = await spawn(SandboxSpec(), ["/bin/true"])
             assert await proc.wait() == 0
 
-    fds = open_fds()
-    run(main())
+    run(main(5))  # caches and arenas settle
+    fds, maps = open_fds(), mappings()
+    run(main(200))
     assert child_processes() == []
     assert open_fds() - fds == set()
+    assert mappings() - maps < 20  # a leaked stack is 2 mappings per spawn
 
 
 def test_concurrent_spawns_from_threads_while_others_allocate() -> None:
