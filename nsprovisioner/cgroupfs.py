@@ -67,36 +67,40 @@ class CgroupHost:
     @classmethod
     def detect(cls, proc: str = "/proc/self") -> CgroupHost:
         """Read /proc/self/mountinfo and /proc/self/cgroup."""
-        own_v1: dict[frozenset[str], str] = {}
-        own_v2: str | None = None
         try:
-            with open(os.path.join(proc, "cgroup")) as f:
-                for line in f:
-                    _, names, path = line.rstrip("\n").split(":", 2)
-                    if names == "":
-                        own_v2 = path
-                    else:
-                        own_v1[frozenset(names.split(","))] = path
+            own = _read_text(os.path.join(proc, "cgroup"))
         except OSError:
             return cls()
+        return cls._parse(own, _read_text(os.path.join(proc, "mountinfo")))
+
+    @classmethod
+    def _parse(cls, own: str, mountinfo: str) -> CgroupHost:
+        """The host from the texts of /proc/self/cgroup and /proc/self/mountinfo."""
+        own_v1: dict[frozenset[str], str] = {}
+        own_v2: str | None = None
+        for line in _lines(own):
+            _, names, path = line.split(":", 2)
+            if names == "":
+                own_v2 = path
+            else:
+                own_v1[frozenset(names.split(","))] = path
         host = cls()
         seen: set[frozenset[str]] = set()
-        with open(os.path.join(proc, "mountinfo")) as f:
-            for line in f:
-                fields = line.split()
-                sep = fields.index("-")
-                fstype, options = fields[sep + 1], fields[sep + 3]
-                root, mount = _unescape(fields[3]), _unescape(fields[4])
-                if fstype == "cgroup2" and host.v2 is None:
-                    host.v2 = Hierarchy(2, mount, _v2_controllers(mount), own_v2, root)
-                elif fstype == "cgroup":
-                    # /proc/self/cgroup names each hierarchy by its controllers;
-                    # the super options hold them among flags like xattr.
-                    opts = set(options.split(","))
-                    bound = next((n for n in own_v1 if n <= opts), None)
-                    if bound and bound & V1_CONTROLLERS and bound not in seen:
-                        seen.add(bound)
-                        host.v1.append(Hierarchy(1, mount, bound, own_v1[bound], root))
+        for line in _lines(mountinfo):
+            fields = line.split()
+            sep = fields.index("-")
+            fstype, options = fields[sep + 1], fields[sep + 3]
+            root, mount = _unescape(fields[3]), _unescape(fields[4])
+            if fstype == "cgroup2" and host.v2 is None:
+                host.v2 = Hierarchy(2, mount, _v2_controllers(mount), own_v2, root)
+            elif fstype == "cgroup":
+                # /proc/self/cgroup names each hierarchy by its controllers;
+                # the super options hold them among flags like xattr.
+                opts = set(options.split(","))
+                bound = next((n for n in own_v1 if n <= opts), None)
+                if bound and bound & V1_CONTROLLERS and bound not in seen:
+                    seen.add(bound)
+                    host.v1.append(Hierarchy(1, mount, bound, own_v1[bound], root))
         return host
 
     def v1_for(self, controller: str) -> Hierarchy | None:
@@ -108,8 +112,7 @@ class CgroupHost:
     # ---- file operations (overridden by the tests' fake cgroupfs) ----
 
     def read(self, path: str) -> str:
-        with open(path) as f:
-            return f.read()
+        return _read_text(path)
 
     def write(self, path: str, text: str) -> None:
         """Write an interface file. Never creates one: cgroupfs files exist or are absent."""
@@ -135,6 +138,32 @@ class CgroupHost:
             return []
 
 
+def _read_text(path: str) -> str:
+    """A whole file, read without Python's io stack (which costs more than the read
+    itself for a cgroupfs or /proc file, and spawn reads several)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_fd(fd: int) -> str:
+    chunks = []
+    while chunk := os.read(fd, 65536):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
+def _lines(text: str) -> list[str]:
+    """The lines of a /proc file, which the kernel ends with "\\n" and nothing else
+    (str.splitlines would also split inside a cgroup's name at \\x1c or \\x85)."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
 def _unescape(text: str) -> str:
     """mountinfo escapes space, tab, newline and backslash as \\ooo."""
     if "\\" not in text:
@@ -152,16 +181,20 @@ def _unescape(text: str) -> str:
 
 def _v2_controllers(mount: str) -> frozenset[str]:
     try:
-        with open(os.path.join(mount, "cgroup.controllers")) as f:
-            return frozenset(f.read().split())
+        return frozenset(_read_text(os.path.join(mount, "cgroup.controllers")).split())
     except OSError:
         return frozenset()
 
 
 def read_keyed(host: CgroupHost, path: str) -> dict[str, int]:
     """A flat-keyed file ("key value" lines: memory.events, cpu.stat, ...)."""
+    return parse_keyed(host.read(path))
+
+
+def parse_keyed(text: str) -> dict[str, int]:
+    """The integer values of a flat-keyed file's text."""
     values = {}
-    for line in host.read(path).splitlines():
+    for line in text.splitlines():
         key, _, value = line.partition(" ")
         if value.strip().lstrip("-").isdigit():
             values[key] = int(value)
@@ -180,8 +213,7 @@ def read_pids(host: CgroupHost, directory: str) -> list[int]:
 def process_start_time(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat (clock ticks after boot): tells a pid's reuse apart."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+        stat = _read_text(f"/proc/{pid}/stat")
     except OSError:
         return None
     return int(stat[stat.rindex(")") + 2:].split()[19])
