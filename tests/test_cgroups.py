@@ -28,7 +28,12 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroupfs import CgroupHost, Hierarchy, process_start_time
+from nsprovisioner.cgroupfs import (
+    CgroupHost,
+    Hierarchy,
+    pid_namespace_id,
+    process_start_time,
+)
 from nsprovisioner.cgroups import (
     SERVER_LEAF,
     create_cgroup,
@@ -653,6 +658,27 @@ def test_no_limits_never_block_a_start(no_leaks: None, no_cgroup_left: None) -> 
             return await finish(proc)
 
     assert run(go()) == (0, "ok\n")
+
+
+# ---- what create_cgroup() keeps between sandboxes -------------------------------------
+
+def test_a_forked_server_names_its_group_after_itself() -> None:
+    assert group_name() == group_name()  # cached from here on
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, group_name().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        name = os.read(r, 200).decode()
+        expected = f"nsprov-{os.geteuid()}-{pid}-{process_start_time(pid)}-{pid_namespace_id()}"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert name == expected
 
 
 # ---- controller files against a fake cgroupfs (a supplement) ----------------------------
