@@ -26,7 +26,14 @@ import secrets
 from typing import TYPE_CHECKING
 
 from .cgroup_limits import Unenforced, fix_for, limit_values, write_limits
-from .cgroupfs import CgroupHost, Hierarchy, pid_namespace_id, process_start_time, read_pids
+from .cgroupfs import (
+    CgroupHost,
+    Hierarchy,
+    current_host,
+    pid_namespace_id,
+    process_start_time,
+    read_pids,
+)
 from .errors import SandboxError
 from .sandbox_cgroup import CgroupDir, SandboxCgroup, group_lock
 
@@ -96,7 +103,12 @@ def create_cgroup(spec: SandboxSpec, name: str | None, *,
     is one warning otherwise. Without limits nothing here ever fails a start.
     """
     try:
-        host = CgroupHost.detect() if host is None else host
+        if host is None:
+            # Which controllers the cgroup2 root offers decides where a limit
+            # goes, and can change without a mount event (see _DetectCache): a
+            # sandbox with limits looks afresh, at a cost that is small next
+            # to its v1 cgroup.procs writes.
+            host = CgroupHost.detect() if spec.has_limits else current_host()
     except (OSError, ValueError) as e:  # an unreadable or unexpected /proc/self/mountinfo
         log.debug("cgroup hierarchies not found: %s", e)
         host = CgroupHost()
