@@ -18,6 +18,7 @@ namespace against judging a pid it can't see).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -25,7 +26,14 @@ import secrets
 from typing import TYPE_CHECKING
 
 from .cgroup_limits import Unenforced, fix_for, limit_values, write_limits
-from .cgroupfs import CgroupHost, Hierarchy, pid_namespace_id, process_start_time, read_pids
+from .cgroupfs import (
+    CgroupHost,
+    Hierarchy,
+    current_host,
+    pid_namespace_id,
+    process_start_time,
+    read_pids,
+)
 from .errors import SandboxError
 from .sandbox_cgroup import CgroupDir, SandboxCgroup, group_lock
 
@@ -45,8 +53,21 @@ ACCOUNTING = ("memory", "pids")
 
 def group_name(pid: int | None = None) -> str:
     """The name of the per-server group directory of `pid` (default: this process)."""
-    pid = os.getpid() if pid is None else pid
+    own = os.getpid()
+    pid = own if pid is None else pid
+    if pid == own:
+        return f"{GROUP_PREFIX}{os.geteuid()}-{pid}-{_own_identity(own)}"
     return f"{GROUP_PREFIX}{os.geteuid()}-{pid}-{process_start_time(pid)}-{pid_namespace_id()}"
+
+
+@functools.cache
+def _own_identity(pid: int) -> str:
+    """The "<starttime>-<pidns>" of this process's group name; by pid, so a fork asks again.
+
+    Neither changes while the process lives: setns and unshare(CLONE_NEWPID)
+    move only the children into another pid namespace.
+    """
+    return f"{process_start_time(pid)}-{pid_namespace_id()}"
 
 
 def sandbox_dir_name(name: str | None) -> str:
@@ -82,7 +103,12 @@ def create_cgroup(spec: SandboxSpec, name: str | None, *,
     is one warning otherwise. Without limits nothing here ever fails a start.
     """
     try:
-        host = CgroupHost.detect() if host is None else host
+        if host is None:
+            # Which controllers the cgroup2 root offers decides where a limit
+            # goes, and can change without a mount event (see _DetectCache): a
+            # sandbox with limits looks afresh, at a cost that is small next
+            # to its v1 cgroup.procs writes.
+            host = CgroupHost.detect() if spec.has_limits else current_host()
     except (OSError, ValueError) as e:  # an unreadable or unexpected /proc/self/mountinfo
         log.debug("cgroup hierarchies not found: %s", e)
         host = CgroupHost()
@@ -178,8 +204,12 @@ class _Builder:
         try:
             if self.spec.cgroup_parent != "auto" and not self.host.exists(parent):
                 self.make_parents(h, parent)
-            if not self.host.exists(group):
+            # Usually absent (it goes with this server's last sandbox): one
+            # mkdir, not a stat first
+            try:
                 self.host.make_dir(group)
+            except FileExistsError:
+                pass
         except OSError as e:
             self.cant_make(h, e, group, parent, controllers)
             return None
@@ -190,10 +220,12 @@ class _Builder:
                      controllers: set[str] | frozenset[str]) -> str | None:
         """<group>/<name>; None (and the problems noted) when it can't be made."""
         path = os.path.join(group, self.name)
-        if self.host.exists(path):  # a restart whose old cgroup is still going away
-            path = f"{path}-{secrets.token_hex(3)}"
         try:
-            self.host.make_dir(path)
+            try:
+                self.host.make_dir(path)
+            except FileExistsError:  # a restart whose old cgroup is still going away
+                path = f"{path}-{secrets.token_hex(3)}"
+                self.host.make_dir(path)
         except OSError as e:
             self.cant_make(h, e, path, group, controllers)
             return None
@@ -220,6 +252,8 @@ class _Builder:
 
     def enable(self, parent: str, controllers: set[str]) -> set[str]:
         """Enable controllers for parent's children; those that failed (problems noted)."""
+        if not controllers:
+            return set()
         control = os.path.join(parent, "cgroup.subtree_control")
         try:
             enabled = set(self.host.read(control).split())
@@ -281,7 +315,7 @@ class _Builder:
         parent = self.parent(h, limited)
         if parent is None:
             return
-        if not self.host.exists(parent) and self.spec.cgroup_parent != "auto":
+        if self.spec.cgroup_parent != "auto" and not self.host.exists(parent):
             try:
                 self.make_parents(h, parent)
             except OSError as e:
@@ -305,9 +339,12 @@ class _Builder:
         group = self.make_group(h, parent, enabled)
         if group is None:
             return
-        offered = set(self.host.read(os.path.join(group, "cgroup.controllers")).split())
-        enabled -= self.enable(group, enabled)
-        self.enable_quietly(group, (set(ACCOUNTING) & offered) - enabled)
+        # A child is offered at most what its parent is: when the parent offers
+        # nothing to enable or count, the group's own list can't either.
+        if enabled or offered & set(ACCOUNTING):
+            offered = set(self.host.read(os.path.join(group, "cgroup.controllers")).split())
+            enabled -= self.enable(group, enabled)
+            self.enable_quietly(group, (set(ACCOUNTING) & offered) - enabled)
         path = self.make_sandbox(h, group, enabled)
         if path is None:
             return

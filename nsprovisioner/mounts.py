@@ -14,7 +14,9 @@ readable. For the same path listed twice, the more restrictive kind wins.
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -181,8 +183,29 @@ class _Planner:
             self.bind(path, stage, HIDDEN_ATTRS)
             self.ours[path] = (stage, mode)
 
+    def _staging(self) -> None:
+        """The staging root, with the host's root at /oldroot and bound to /newroot."""
+        # Nothing of ours may propagate to the host, nor the host's into a
+        # half-built root.
+        self.add(lib.NSX_MNT_MOUNT, "/", mountflags=MS_REC | MS_PRIVATE)
+        self.add(lib.NSX_MNT_MOUNT, STAGE, source="tmpfs", fstype="tmpfs",
+                 mountflags=MS_NOSUID | MS_NODEV, data="mode=0755")
+        self.add(lib.NSX_MNT_MKDIR, STAGE + NEWROOT)
+        self.add(lib.NSX_MNT_MKDIR, STAGE + OLDROOT)
+        self.add(lib.NSX_MNT_PIVOT, STAGE, source=OLDROOT.lstrip("/"))
+        self.add(lib.NSX_MNT_TOUCH, HIDDEN_FILE)
+        self.add(lib.NSX_MNT_CHMOD, HIDDEN_FILE, mountflags=0)
+        self.add(lib.NSX_MNT_MOUNT, NEWROOT, source=OLDROOT, mountflags=MS_BIND | MS_REC)
+
     def dev(self) -> None:
         """A /dev with only harmless nodes, bound from the host (mknod needs real root)."""
+        self.ops += _fixed_ops(_Planner._dev)
+
+    def proc(self) -> None:
+        """A /proc of the sandbox's pid namespace, with the host-revealing parts masked."""
+        self.ops += _fixed_ops(_Planner._proc)
+
+    def _dev(self) -> None:
         self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev", source="tmpfs", fstype="tmpfs",
                  mountflags=MS_NOSUID | MS_NOEXEC, data="mode=0755")
         for node in DEV_NODES:
@@ -200,8 +223,7 @@ class _Planner:
             self.add(lib.NSX_MNT_SYMLINK, f"{NEWROOT}/dev/{name}", source=source)
         self.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/dev", mountflags=MOUNT_ATTR_RDONLY)
 
-    def proc(self) -> None:
-        """A /proc of the sandbox's pid namespace, with the host-revealing parts masked."""
+    def _proc(self) -> None:
         optional = lib.NSX_MNT_OPTIONAL
         self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/proc", source="proc", fstype="proc",
                  mountflags=MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -220,21 +242,20 @@ class _Planner:
                      flags=optional | lib.NSX_MNT_RECURSIVE)
 
 
+@functools.cache
+def _fixed_ops(part: Callable[[_Planner], None]) -> tuple[MountOp, ...]:
+    """The ops of a part of the table that depends on nothing: planned once per process
+    (a MountOp costs more to make than to share; they are immutable)."""
+    p = _Planner()
+    part(p)
+    return tuple(p.ops)
+
+
 def plan_mounts(spec: SandboxSpec, cwd: str) -> list[MountOp]:
     """The mount table of a sandbox; raises SandboxError for a bad path."""
     user_paths = resolve_paths(spec, cwd)
     p = _Planner()
-    # Nothing of ours may propagate to the host, nor the host's into a
-    # half-built root.
-    p.add(lib.NSX_MNT_MOUNT, "/", mountflags=MS_REC | MS_PRIVATE)
-    p.add(lib.NSX_MNT_MOUNT, STAGE, source="tmpfs", fstype="tmpfs",
-          mountflags=MS_NOSUID | MS_NODEV, data="mode=0755")
-    p.add(lib.NSX_MNT_MKDIR, STAGE + NEWROOT)
-    p.add(lib.NSX_MNT_MKDIR, STAGE + OLDROOT)
-    p.add(lib.NSX_MNT_PIVOT, STAGE, source=OLDROOT.lstrip("/"))
-    p.add(lib.NSX_MNT_TOUCH, HIDDEN_FILE)
-    p.add(lib.NSX_MNT_CHMOD, HIDDEN_FILE, mountflags=0)
-    p.add(lib.NSX_MNT_MOUNT, NEWROOT, source=OLDROOT, mountflags=MS_BIND | MS_REC)
+    p.ops += _fixed_ops(_Planner._staging)
     if spec.readonly_root:
         p.add(lib.NSX_MNT_SETATTR, NEWROOT, mountflags=MOUNT_ATTR_RDONLY,
               flags=lib.NSX_MNT_RECURSIVE)

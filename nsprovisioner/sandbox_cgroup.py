@@ -18,13 +18,15 @@ import threading
 import time
 from dataclasses import dataclass
 
-from .cgroupfs import CgroupHost, Hierarchy, read_keyed, read_pids
+from .cgroupfs import CgroupHost, Hierarchy, parse_keyed, read_keyed, read_pids
 from .errors import SandboxError
 
 log = logging.getLogger(__name__)
 
 REMOVE_TIMEOUT = 10.0  # SIGKILLed processes exit in ms; this only bounds a stuck one
 FREEZE_TIMEOUT = 2.0
+# Accounting files only cgroup v1 has (v2: memory.events, memory.current, cpu.stat)
+V1_ONLY_FILES = frozenset({"memory.oom_control", "memory.usage_in_bytes", "cpuacct.usage"})
 
 # Held while group directories are made or removed, so that one sandbox's
 # removal can't rmdir the group another thread is creating a sandbox in.
@@ -94,12 +96,19 @@ class SandboxCgroup:
                 log.log(level, "%s: %s; the sandbox runs without it", message,
                         os.strerror(e.errno or 0))
 
-    def _dir_with(self, controller: str, probe: str) -> str | None:
-        """The directory in which the kernel counts `controller` (file `probe`)."""
+    def _read_probe(self, controller: str, probe: str) -> str | None:
+        """The file `probe` of the first directory in which the kernel counts `controller`.
+
+        None when no directory has it; OSError when the one that has it can't be read.
+        """
         for d in self.dirs:
-            if (d.version == 2 or d.has(controller)) and \
-                    self.host.exists(os.path.join(d.path, probe)):
-                return d.path
+            if d.version == 2 and probe in V1_ONLY_FILES:
+                continue  # cgroup v2 has other names for them: needless lookups
+            if d.version == 2 or d.has(controller):
+                try:
+                    return self.host.read(os.path.join(d.path, probe))
+                except FileNotFoundError:
+                    continue  # the read is the existence check
         return None
 
     def oom_kill_count(self) -> int:
@@ -107,18 +116,21 @@ class SandboxCgroup:
         if self.removed:
             return self._final_oom
         for probe in ("memory.events", "memory.oom_control"):
-            path = self._dir_with("memory", probe)
-            if path is not None:
-                try:
-                    return read_keyed(self.host, os.path.join(path, probe)).get("oom_kill", 0)
-                except OSError:
-                    return 0
+            try:
+                text = self._read_probe("memory", probe)
+            except OSError:
+                return 0
+            if text is not None:
+                return parse_keyed(text).get("oom_kill", 0)
         return 0
 
     def usage(self) -> dict[str, float]:
         """memory_bytes, pids and cpu_seconds, each where the host counts it."""
         if self.removed:
             return dict(self._final_usage)
+        return self._read_usage(count_pids=True)
+
+    def _read_usage(self, count_pids: bool) -> dict[str, float]:
         found: dict[str, float] = {}
         sources = (("memory_bytes", "memory", "memory.current", 1.0),
                    ("memory_bytes", "memory", "memory.usage_in_bytes", 1.0),
@@ -126,20 +138,21 @@ class SandboxCgroup:
                    ("cpu_seconds", "cpu", "cpu.stat", 1e-6),
                    ("cpu_seconds", "cpuacct", "cpuacct.usage", 1e-9))
         for key, controller, probe, scale in sources:
-            path = self._dir_with(controller, probe)
-            if key in found or path is None:
+            if key in found:
                 continue
             try:
-                text = self.host.read(os.path.join(path, probe))
+                text = self._read_probe(controller, probe)
             except OSError:
                 continue
+            if text is None:
+                continue
             if probe == "cpu.stat":
-                value = read_keyed(self.host, os.path.join(path, probe)).get("usage_usec")
+                value = parse_keyed(text).get("usage_usec")
                 if value is not None:
                     found[key] = value * scale
             elif text.strip().isdigit():
                 found[key] = int(text) * scale
-        if "pids" not in found and self.dirs:
+        if count_pids and "pids" not in found and self.dirs:
             try:
                 found["pids"] = float(len(read_pids(self.host, self.dirs[0].path)))
             except OSError:
@@ -155,7 +168,8 @@ class SandboxCgroup:
         except OSError as e:
             log.warning("killing what is left in the cgroup %s failed: %s", self.paths, e)
         self._final_oom = self.oom_kill_count()
-        self._final_usage = {**self.usage(), "pids": 0.0}
+        # all killed: no need to count what cgroup.procs lists
+        self._final_usage = {**self._read_usage(count_pids=False), "pids": 0.0}
         self.removed = True
         _live.discard(self)
         deadline = time.monotonic() + REMOVE_TIMEOUT
@@ -174,14 +188,23 @@ class SandboxCgroup:
     def _kill(self) -> None:
         v2 = self.v2_dir
         freezer = next((d for d in self.dirs if d.version == 1 and d.has("freezer")), None)
-        if v2 is not None and self.host.exists(os.path.join(v2.path, "cgroup.kill")):
-            self.host.write(os.path.join(v2.path, "cgroup.kill"), "1")
+        if v2 is not None and _write_if_present(self.host, v2.path, "cgroup.kill", "1"):
+            pass  # Linux 5.14+: one write kills everything inside
         elif v2 is not None and self.host.exists(os.path.join(v2.path, "cgroup.freeze")):
             _freeze_and_kill(self.host, v2.path, "cgroup.freeze", "1", "0")
         elif freezer is not None:
             _freeze_and_kill(self.host, freezer.path, "freezer.state", "FROZEN", "THAWED")
         for d in self.dirs:
             _kill_until_empty(self.host, d.path)
+
+
+def _write_if_present(host: CgroupHost, path: str, control: str, text: str) -> bool:
+    """Write an interface file; False when the kernel has no such file (one lookup, not two)."""
+    try:
+        host.write(os.path.join(path, control), text)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _freeze_and_kill(host: CgroupHost, path: str, control: str, frozen: str,

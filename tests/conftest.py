@@ -19,12 +19,18 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def open_fds() -> set[str]:
-    """This process's open fds, as 'N -> target' strings (not the cached init memfd)."""
+    """This process's open fds, as 'N -> target' strings.
+
+    Not the two that live as long as the process on purpose: the cached init
+    memfd, and the /proc/self/mountinfo fd whose poll() tells cgroupfs.py that
+    the mount table changed.
+    """
+    own_mountinfo = f"/proc/{os.getpid()}/mountinfo"
     fds = set()
     for name in os.listdir("/proc/self/fd"):
         try:
             target = os.readlink(f"/proc/self/fd/{name}")
-            if "memfd:nsinit" not in target:
+            if "memfd:nsinit" not in target and target != own_mountinfo:
                 fds.add(f"{name} -> {target}")
         except FileNotFoundError:
             pass  # the fd that listed the directory

@@ -221,6 +221,15 @@ def test_binds_never_follow_a_symlink_swapped_in_after_planning(
     assert info.value.step == "mount" and info.value.errno == errno.ELOOP
 
 
+def test_each_mount_plan_is_a_list_of_its_own(workdir: Path) -> None:
+    """The parts every plan shares are made once; a caller changing its plan changes no other."""
+    spec = SandboxSpec()
+    first = mounts.plan_mounts(spec, str(workdir))
+    expected = list(first)
+    first.clear()
+    assert mounts.plan_mounts(spec, str(workdir)) == expected
+
+
 def test_readonly_root_off(no_leaks: None, tmp_path: Path, workdir: Path) -> None:
     outside = tmp_path / "outside"
     outside.mkdir()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import importlib
 import logging
 import os
@@ -28,7 +29,13 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroupfs import CgroupHost, Hierarchy, process_start_time
+from nsprovisioner.cgroupfs import (
+    CgroupHost,
+    Hierarchy,
+    current_host,
+    pid_namespace_id,
+    process_start_time,
+)
 from nsprovisioner.cgroups import (
     SERVER_LEAF,
     create_cgroup,
@@ -653,6 +660,115 @@ def test_no_limits_never_block_a_start(no_leaks: None, no_cgroup_left: None) -> 
             return await finish(proc)
 
     assert run(go()) == (0, "ok\n")
+
+
+# ---- what create_cgroup() keeps between sandboxes -------------------------------------
+
+def mountinfo_fds() -> list[int]:
+    own = f"/proc/{os.getpid()}/mountinfo"
+    return [int(n) for n in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{n}") and os.readlink(f"/proc/self/fd/{n}") == own]
+
+
+def test_cached_host_is_what_detect_finds() -> None:
+    assert current_host() == CgroupHost.detect()
+    assert current_host() == CgroupHost.detect(), "and again, from the cache"
+
+
+def test_sandboxes_follow_the_server_into_another_cgroup(no_leaks: None,
+                                                         no_cgroup_left: None) -> None:
+    _need(None if V2_WRITABLE else "the caller's cgroup2 cgroup is not writable")
+    assert HOST.v2 is not None and HOST.v2.own_path is not None
+    start = HOST.v2.directory(HOST.v2.own_path)
+    assert start is not None
+    current_host()  # cached while the server is still in its first cgroup
+    moved = os.path.join(start, f"nsprov-test-moved-{os.getpid()}")
+    os.mkdir(moved)
+    try:
+        Path(moved, "cgroup.procs").write_text(str(os.getpid()))
+        try:
+            assert current_host().v2 == dataclasses.replace(
+                HOST.v2, own_path=HOST.v2.cgroup_path(moved))
+            cgroup = create_cgroup(SandboxSpec(), "k")
+            assert cgroup is not None and cgroup.v2_dir is not None
+            assert cgroup.v2_dir.path == os.path.join(moved, group_name(), "k")
+            cgroup.kill_and_remove()
+        finally:
+            Path(start, "cgroup.procs").write_text(str(os.getpid()))
+        assert current_host().v2 == HOST.v2, "back where it started"
+    finally:
+        os.rmdir(moved)
+
+
+MOVE_CGROUP2 = """
+import ctypes, os, sys
+from nsprovisioner.cgroupfs import CgroupHost, current_host
+
+libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNS, MS_REC, MS_PRIVATE, MNT_DETACH = 0x20000, 0x4000, 1 << 18, 2
+
+def check(rc):
+    if rc != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+
+def move_cgroup2(to):
+    while (v2 := CgroupHost.detect().v2) is not None:
+        check(libc.umount2(v2.mount.encode(), MNT_DETACH))
+    check(libc.mount(b"cgroup2", to.encode(), b"cgroup2", 0, None))
+
+seen = [current_host().v2.mount]  # the cache watches this mount namespace
+check(libc.unshare(CLONE_NEWNS))
+check(libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None))  # nothing reaches the host
+move_cgroup2(sys.argv[1])
+seen.append(current_host().v2.mount)  # a mount namespace of its own: a fresh read
+move_cgroup2(sys.argv[2])
+seen.append(current_host().v2.mount)  # the same namespace: poll() reports the change
+print(" ".join(seen))
+"""
+
+
+def test_cached_host_sees_new_mounts_and_a_new_mount_namespace(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or HOST.v2 is None:
+        pytest.skip("moving the cgroup2 mount in a private mount namespace needs root")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    out = subprocess.run([sys.executable, "-c", MOVE_CGROUP2, str(first), str(second)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert out.split() == [HOST.v2.mount, str(first), str(second)]
+
+
+def test_cached_host_trusts_no_fd_closed_behind_its_back() -> None:
+    current_host()
+    [fd] = mountinfo_fds()
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, fd)  # closed by someone else, its number reused
+    os.close(devnull)
+    try:
+        assert current_host() == CgroupHost.detect()
+        assert os.readlink(f"/proc/self/fd/{fd}") == "/dev/null", "not ours to close"
+        assert len(mountinfo_fds()) == 1, "a new fd to watch"
+    finally:
+        os.close(fd)
+
+
+def test_a_forked_server_names_its_group_after_itself() -> None:
+    assert group_name() == group_name()  # cached from here on
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.write(w, group_name().encode())
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        name = os.read(r, 200).decode()
+        expected = f"nsprov-{os.geteuid()}-{pid}-{process_start_time(pid)}-{pid_namespace_id()}"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+    assert name == expected
 
 
 # ---- controller files against a fake cgroupfs (a supplement) ----------------------------
