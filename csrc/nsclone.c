@@ -60,7 +60,6 @@ int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, 
 
     *pidfd = -1;
     *into_cgroup = 0;
-    *stack = NULL;
     memset(&args, 0, sizeof(args));
     args.flags = CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)pidfd;
@@ -70,7 +69,9 @@ int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, 
         args.cgroup = (uint64_t)cfg->cgroup_fd;
     }
     if (NSX_SHARED_VM) {
-        if ((region = map_stack()) == NULL)
+        region = *stack ? *stack : map_stack();  /* a stack of an earlier start, or new */
+        *stack = NULL;
+        if (region == NULL)
             return -errno;
         args.flags |= CLONE_VM;
         args.stack = (uint64_t)(uintptr_t)region + guard_size();

@@ -171,8 +171,9 @@ struct nsx_config {
  * Clone the Child (stage 1). Returns its pid and stores a pidfd for it, or
  * returns -errno. *into_cgroup is set when clone3 placed it in cgroup_fd.
  * *stack is the stages' stack in our memory (or NULL): release it with
- * nsx_free_stack() only once both stages are reaped or exec'd, and keep
- * cfg and everything it points to alive as long.
+ * nsx_free_stack() (or pass it in *stack to a later call, to be reused) only
+ * once both stages are reaped or exec'd, and keep cfg and everything it
+ * points to alive as long. On failure *stack is freed and set to NULL.
  * Only the calling thread returns; the Child never does.
  */
 int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, void **stack);

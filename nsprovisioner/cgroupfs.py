@@ -247,7 +247,9 @@ def _read_fd(fd: int) -> str:
     chunks = []
     while chunk := os.read(fd, 65536):
         chunks.append(chunk)
-    return b"".join(chunks).decode()
+    # surrogateescape, as os does for paths: a mount point or a process name
+    # that is not UTF-8 must not make the whole file unreadable
+    return b"".join(chunks).decode(errors="surrogateescape")
 
 
 def _lines(text: str) -> list[str]:

@@ -15,6 +15,7 @@ Any stage may send SYNC_ERROR instead; it becomes a SandboxError.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import signal
 import socket
@@ -45,59 +46,96 @@ class Message:
 
 
 class SyncChannel:
-    """The Parent's end of one sync socket (SOCK_SEQPACKET: one record per recv)."""
+    """The Parent's end of one sync socket (SOCK_SEQPACKET: one record per recv).
+
+    The socket stays registered with the loop from the first wait until EOF
+    or close, and whatever arrives is queued: a start waits on each channel
+    several times, and adding and removing the reader around every record
+    cost more than the wait.
+    """
 
     def __init__(self, sock: socket.socket, peer: str) -> None:
         sock.setblocking(False)
         self.sock = sock
         self.peer = peer
+        self._records: collections.deque[bytes] = collections.deque()  # b"": EOF
+        self._eof = False
+        self._reset = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    def _fill(self) -> None:
+        """Queue every record the socket holds, and b"" once the peer is gone."""
+        while not self._eof:
+            try:
+                data = self.sock.recv(MSG_SIZE)
+            except BlockingIOError:
+                if not self._reset:
+                    return
+                data = b""  # reset, and nothing queued behind it: gone
+            except ConnectionResetError:
+                # When the peer exits with a message of ours unread, Linux
+                # reports ECONNRESET once, ahead of the records the peer
+                # queued before exiting (its error record among them).
+                self._reset = True
+                continue
+            self._records.append(data)
+            if not data:
+                self._eof = True
+                self._stop_reading()  # an EOF socket is always readable
+
+    def _on_readable(self) -> None:
+        self._fill()
+        if self._records and self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _stop_reading(self) -> None:
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                self._loop.remove_reader(self.sock.fileno())
+            self._loop = None
+
+    async def _next(self) -> bytes:
+        self._fill()
+        while not self._records:
+            loop = asyncio.get_running_loop()
+            if self._loop is None:
+                loop.add_reader(self.sock.fileno(), self._on_readable)
+                self._loop = loop
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._records.popleft()
 
     async def recv(self, step: str) -> Message | None:
         """The next record, or None at EOF. Error records are raised."""
-        loop = asyncio.get_running_loop()
-        try:
-            data = await loop.sock_recv(self.sock, MSG_SIZE)
-        except ConnectionResetError:
-            data = self._after_reset()
+        data = await self._next()
         if not data:
             return None
-        if len(data) != MSG_SIZE:
-            raise SandboxError(f"the {self.peer} sent a record of {len(data)} bytes", step=step)
-        raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
-        msg = Message(raw.type, raw.stage, raw.step, raw.err, (raw.pid[0], raw.pid[1]),
-                      ffi.string(raw.detail).decode(errors="replace"))
+        msg = self._parse(data, step)
         if msg.type == lib.NSX_SYNC_ERROR:
             raise SandboxError.from_record(msg.stage, msg.step, msg.err, msg.detail,
                                            grandchild_pid=msg.pids[1])
         return msg
 
-    def _after_reset(self) -> bytes:
-        """When the peer exits with a message of ours unread, Linux reports
-        ECONNRESET once, ahead of the records the peer queued before exiting
-        (its error record among them): read past it. b"" at the end."""
-        try:
-            return self.sock.recv(MSG_SIZE)
-        except (BlockingIOError, ConnectionResetError):
-            return b""
+    def _parse(self, data: bytes, step: str) -> Message:
+        if len(data) != MSG_SIZE:
+            raise SandboxError(f"the {self.peer} sent a record of {len(data)} bytes", step=step)
+        raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
+        return Message(raw.type, raw.stage, raw.step, raw.err, (raw.pid[0], raw.pid[1]),
+                       ffi.string(raw.detail).decode(errors="replace"))
 
     def raise_pending_error(self) -> None:
         """Raise the peer's error record if one is already queued: when the
         Parent's own step failed because the peer died, the record says why."""
-        data = b""
-        for _ in range(2):  # a first ECONNRESET hides the queued records
-            try:
-                data = self.sock.recv(MSG_SIZE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
-                break
-            except ConnectionResetError:
-                continue
-            except OSError:
-                return
-        if len(data) == MSG_SIZE:
-            raw = ffi.cast("struct nsx_msg *", ffi.from_buffer(data))
-            if raw.type == lib.NSX_SYNC_ERROR:
-                raise SandboxError.from_record(raw.stage, raw.step, raw.err,
-                                               ffi.string(raw.detail).decode(errors="replace"),
-                                               grandchild_pid=raw.pid[1])
+        self._fill()
+        if self._records and len(self._records[0]) == MSG_SIZE:
+            msg = self._parse(self._records[0], "")
+            if msg.type == lib.NSX_SYNC_ERROR:
+                raise SandboxError.from_record(msg.stage, msg.step, msg.err, msg.detail,
+                                               grandchild_pid=msg.pids[1])
 
     async def expect(self, sync_type: int, step: str) -> Message:
         msg = await self.recv(step)
@@ -120,6 +158,7 @@ class SyncChannel:
                                step=step) from None
 
     def close(self) -> None:
+        self._stop_reading()
         self.sock.close()
 
 
@@ -167,8 +206,30 @@ class Handshake:
     def release(self) -> None:
         """Give back the stages' stack and buffers: call once neither runs on them."""
         if self.stack is not None:
-            lib.nsx_free_stack(self.stack)
+            give_back_stack(self.stack)
         self.stack = self.config = None
+
+
+# Stacks of finished starts, for the next ones: a fresh stack costs an mmap,
+# an mprotect and a page fault per page the stages touch. A few are enough
+# for the starts a server runs at once.
+_spare_stacks: list[Any] = []
+SPARE_STACKS = 4
+
+
+def take_stack() -> Any:
+    """A stack for nsx_clone_child to reuse, or NULL for a new one."""
+    try:
+        return _spare_stacks.pop()
+    except IndexError:  # (another thread may take the last one between check and pop)
+        return ffi.NULL
+
+
+def give_back_stack(stack: Any) -> None:
+    if stack != ffi.NULL and len(_spare_stacks) < SPARE_STACKS:
+        _spare_stacks.append(stack)
+    else:
+        lib.nsx_free_stack(stack)
 
 
 def _pidfd_kill(fd: int) -> None:

@@ -18,7 +18,7 @@ from typing import IO, Any
 from ._nsexec import ffi, lib
 from .cgroups import SandboxCgroup, create_cgroup
 from .errors import STEP_VALUES, SandboxError
-from .handshake import Handshake, SyncChannel, run_handshake
+from .handshake import Handshake, SyncChannel, give_back_stack, run_handshake, take_stack
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
 from .mounts import MountOp, plan_mounts
@@ -306,8 +306,9 @@ async def _clone_and_handshake(
         cfg.grandchild_tid = grandchild_tid = ffi.new("int *")
         pidfd = ffi.new("int *")
         into_cgroup = ffi.new("int *")
-        stack = ffi.new("void **")
+        stack = ffi.new("void **", take_stack())
         if fault == STEP_VALUES["clone_child"]:
+            give_back_stack(stack[0])
             pid = -5
         else:
             pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup, stack)
