@@ -10,6 +10,7 @@
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -68,7 +69,7 @@ int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, 
         args.flags |= CLONE_INTO_CGROUP;
         args.cgroup = (uint64_t)cfg->cgroup_fd;
     }
-    if (NSX_SHARED_VM) {
+    if (NSX_SHARED_VM && cfg->share_memory) {
         region = *stack ? *stack : map_stack();  /* a stack of an earlier start, or new */
         *stack = NULL;
         if (region == NULL)
@@ -76,6 +77,11 @@ int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, 
         args.flags |= CLONE_VM;
         args.stack = (uint64_t)(uintptr_t)region + guard_size();
         args.stack_size = NSX_CHILD_STACK;
+    }
+
+    if (!region && *stack) {  /* fork mode: the Child runs on its copy of our stack */
+        nsx_free_stack(*stack);
+        *stack = NULL;
     }
 
     /*
@@ -95,4 +101,14 @@ int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, 
     *into_cgroup = cfg->cgroup_fd >= 0;
     *stack = region;
     return (int)pid;
+}
+
+int nsx_can_share_memory(void)
+{
+    return NSX_SHARED_VM;
+}
+
+int nsx_dumpable(void)
+{
+    return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
 }

@@ -413,9 +413,9 @@ static int grandchild_main(void *cfg)
  * Child's own, and is kept non-dumpable except while the Parent writes the
  * maps, which it can do only while we are dumpable.
  */
-static long set_dumpable(int on)
+static long set_dumpable(const struct nsx_config *cfg, int on)
 {
-    return NSX_SHARED_VM ? 0 : prctl2(PR_SET_DUMPABLE, (unsigned long)on);
+    return cfg->share_memory ? 0 : prctl2(PR_SET_DUMPABLE, (unsigned long)on);
 }
 
 int nsx_run_child(void *arg)
@@ -431,16 +431,16 @@ int nsx_run_child(void *arg)
     NSX_SYS1(SYS_close, cfg->parent_sync_fds[1]);
     prctl2(PR_SET_NAME, (unsigned long)"nsprov[1:CHILD]");
     STEP(NSX_STEP_CHILD_SETUP, prctl2(PR_SET_PDEATHSIG, SIGKILL), "prctl(PR_SET_PDEATHSIG)");
-    STEP(NSX_STEP_CHILD_SETUP, set_dumpable(0), "prctl(PR_SET_DUMPABLE)");
+    STEP(NSX_STEP_CHILD_SETUP, set_dumpable(cfg, 0), "prctl(PR_SET_DUMPABLE)");
 
     STEP(NSX_STEP_UNSHARE_USER, NSX_SYS1(SYS_unshare, CLONE_NEWUSER),
          "unshare(CLONE_NEWUSER)");
-    STEP(NSX_STEP_SEND_USERMAP_PLS, set_dumpable(1), "prctl(PR_SET_DUMPABLE)");
+    STEP(NSX_STEP_SEND_USERMAP_PLS, set_dumpable(cfg, 1), "prctl(PR_SET_DUMPABLE)");
     STEP(NSX_STEP_SEND_USERMAP_PLS, send_sync(fd, NSX_SYNC_USERMAP_PLS, 0, 0),
          "send SYNC_USERMAP_PLS");
     STEP(NSX_STEP_WAIT_USERMAP_ACK, wait_sync(fd, NSX_SYNC_USERMAP_ACK),
          "wait for SYNC_USERMAP_ACK");
-    STEP(NSX_STEP_WAIT_USERMAP_ACK, set_dumpable(0), "prctl(PR_SET_DUMPABLE)");
+    STEP(NSX_STEP_WAIT_USERMAP_ACK, set_dumpable(cfg, 0), "prctl(PR_SET_DUMPABLE)");
 
     /* Everything but cgroup: the GrandChild unshares that once it is in
      * its final cgroup. */

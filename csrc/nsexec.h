@@ -165,6 +165,7 @@ struct nsx_config {
 
     int *grandchild_tid;     /* the kernel stores the GrandChild's pid here
                               * (seen by the Parent when memory is shared) */
+    int share_memory;        /* run the stages in our memory (nsx_can_share_memory) */
 };
 
 /*
@@ -178,6 +179,11 @@ struct nsx_config {
  */
 int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, void **stack);
 void nsx_free_stack(void *stack);
+
+/* Whether this build can run the stages in the server's memory (x86_64 and
+ * aarch64), and the server's dumpable flag (prctl PR_GET_DUMPABLE). */
+int nsx_can_share_memory(void);
+int nsx_dumpable(void);
 
 /* cdef-end */
 

@@ -16,7 +16,9 @@
  * After the syscall the new process is on args->stack: it must not return
  * into the caller's frame (that belongs to the server thread), so it calls
  * fn right here and exits. fn and arg ride in r8/r9, which the syscall keeps
- * and the new process inherits.
+ * and the new process inherits. Without a new stack (fork mode) it goes on
+ * from this function's own stack pointer, 8 bytes off the 16 the ABI wants
+ * at a call: hence the alignment.
  */
 __asm__(".text\n"
         ".globl nsx_clone3\n"
@@ -31,6 +33,7 @@ __asm__(".text\n"
         "    jz 1f\n"
         "    ret\n"
         "1:  xor %ebp, %ebp\n"
+        "    and $-16, %rsp\n"
         "    mov %r9, %rdi\n"
         "    call *%r8\n"
         "    mov %eax, %edi\n"

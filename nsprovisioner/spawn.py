@@ -19,7 +19,7 @@ from ._nsexec import ffi, lib
 from .cgroups import SandboxCgroup, create_cgroup
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, give_back_stack, run_handshake, take_stack
-from .idmap import check_helper_map, needs_helper, write_id_maps
+from .idmap import IdRange, check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
 from .mounts import MountOp, plan_mounts
 from .process import SandboxProcess
@@ -52,6 +52,32 @@ def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
     if not os.path.isdir(path):
         raise SandboxError(f"cwd {path} does not exist or is not a directory", step="chdir")
     return path
+
+
+def outside_id(ranges: Sequence[IdRange], inside: int) -> int | None:
+    for r in ranges:
+        if r.inside <= inside < r.inside + r.count:
+            return r.outside + inside - r.inside
+    return None
+
+
+def share_memory(spec: SandboxSpec) -> bool:
+    """Whether the stages may run in our memory instead of a copy (docs/design.md).
+
+    The kernel ties the dumpable flag to the memory, and resets it when a
+    process of it changes its effective ids: a GrandChild taking an identity
+    whose ids outside are not ours would make this server non-dumpable (and
+    an unprivileged one could then no longer write the next sandbox's maps).
+    A non-dumpable unprivileged server can't write a sharing Child's maps at
+    all. Both cases take the copy, where the Child's dumpable flag is its own.
+    """
+    if not lib.nsx_can_share_memory():
+        return False
+    euid, egid = os.geteuid(), os.getegid()
+    if (outside_id(spec.uid_ranges, spec.uid) != euid
+            or outside_id(spec.gid_ranges, spec.gid) != egid):
+        return False
+    return euid == 0 or lib.nsx_dumpable() == 1
 
 
 class _Stdio:
@@ -306,7 +332,8 @@ async def _clone_and_handshake(
         cfg.grandchild_tid = grandchild_tid = ffi.new("int *")
         pidfd = ffi.new("int *")
         into_cgroup = ffi.new("int *")
-        stack = ffi.new("void **", take_stack())
+        cfg.share_memory = share = share_memory(spec)
+        stack = ffi.new("void **", take_stack() if share else ffi.NULL)
         if fault == STEP_VALUES["clone_child"]:
             give_back_stack(stack[0])
             pid = -5

@@ -296,7 +296,7 @@ def test_200_spawns_in_a_row_leak_nothing() -> None:
     assert mappings() - maps < 20  # a leaked stack is 2 mappings per spawn
 
 
-def test_concurrent_spawns_from_threads_while_others_allocate() -> None:
+def test_concurrent_spawns_from_threads_while_others_allocate(memory_mode: str) -> None:
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -337,8 +337,18 @@ FAULT_STEPS = [name for value, name in sorted(STEP_NAMES.items())
                and name not in ("hostname_",)]
 
 
+@pytest.fixture(params=["shared", "copied"])
+def memory_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways the stages run: in the server's memory, and in a copy (taken when
+    the identity maps elsewhere, and on other architectures)."""
+    if request.param == "copied":
+        monkeypatch.setattr(sys.modules["nsprovisioner.spawn"], "share_memory",
+                            lambda spec: False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("step", FAULT_STEPS)
-def test_each_step_failing_leaks_nothing(step: str, no_leaks: None) -> None:
+def test_each_step_failing_leaks_nothing(step: str, memory_mode: str, no_leaks: None) -> None:
     spec = SandboxSpec(network="none") if step == "loopback" else SandboxSpec()
     with pytest.raises(SandboxError) as info:
         run(spawn(spec, ["/bin/true"], _fault_step=step))
@@ -470,3 +480,34 @@ def test_failed_spawn_with_pipes_leaks_nothing(step: str | None, no_leaks: None)
     argv = ["/bin/true"] if step else ["no-such-command-here"]
     with pytest.raises(SandboxError):
         run(spawn(SandboxSpec(), argv, stdin=PIPE, stdout=PIPE, stderr=PIPE, _fault_step=step))
+
+
+def dumpable() -> int:
+    import ctypes
+    return int(ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))  # PR_GET_DUMPABLE
+
+
+def test_an_identity_mapped_elsewhere_leaves_the_server_dumpable(no_leaks: None) -> None:
+    """The GrandChild taking ids that are not ours outside changes its credentials,
+    and Linux then resets the dumpable flag of its memory: that memory must not
+    be the server's (an unprivileged server could write no more maps after)."""
+    if os.geteuid() == 0:
+        outside_uid = outside_gid = 100000
+    else:
+        subuids = subordinate_ranges(Path("/etc/subuid"), os.getuid())
+        subgids = subordinate_ranges(Path("/etc/subgid"), os.getgid())
+        if not subuids or not subgids:
+            pytest.skip("needs subordinate ids in /etc/subuid and /etc/subgid")
+        outside_uid, outside_gid = subuids[0][0], subgids[0][0]
+    spec = SandboxSpec(user="root", uid_map=[f"0:{outside_uid}:1"],
+                       gid_map=[f"0:{outside_gid}:1"], readwrite_paths=[])
+
+    async def main() -> tuple[int, int]:
+        proc = await spawn(spec, ["/bin/true"], cwd="/")
+        status = await proc.wait()
+        again = await spawn(SandboxSpec(), ["/bin/true"])  # a sharing start still works
+        return status, await again.wait()
+
+    assert dumpable() == 1
+    assert run(main()) == (0, 0)
+    assert dumpable() == 1
