@@ -24,7 +24,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Float, Int, List, Unicode, Union
 
-from .cgroups import sweep_stale_cgroups
+from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
 from .ipcdir import expose_only, make_socket_dir, remove_socket_dir

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import IO, Any
@@ -178,16 +179,18 @@ class _MountTables:
 
     def __init__(self) -> None:
         self._tables: dict[tuple[MountOp, ...], _MountTable] = {}
+        self._lock = threading.Lock()  # servers may spawn from several threads' loops
 
     def get(self, plan: Sequence[MountOp]) -> _MountTable:
         key = tuple(plan)
-        table = self._tables.get(key)
-        if table is None:
-            table = _MountTable(key)
-            if len(self._tables) >= self.LIMIT:
-                self._tables.pop(next(iter(self._tables)))
-            self._tables[key] = table
-        return table
+        with self._lock:
+            table = self._tables.get(key)
+            if table is None:
+                table = _MountTable(key)
+                if len(self._tables) >= self.LIMIT:
+                    del self._tables[next(iter(self._tables))]
+                self._tables[key] = table
+            return table
 
 
 class _MountTable:

@@ -29,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
+from nsprovisioner.cgroup_sweep import sweep_stale_cgroups
 from nsprovisioner.cgroupfs import (
     CgroupHost,
     Hierarchy,
@@ -41,7 +42,6 @@ from nsprovisioner.cgroups import (
     create_cgroup,
     group_name,
     parent_directory,
-    sweep_stale_cgroups,
 )
 from nsprovisioner.process import SandboxProcess
 from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
