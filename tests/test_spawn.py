@@ -511,3 +511,22 @@ def test_an_identity_mapped_elsewhere_leaves_the_server_dumpable(no_leaks: None)
     assert dumpable() == 1
     assert run(main()) == (0, 0)
     assert dumpable() == 1
+
+
+NON_DUMPABLE_SERVER = """
+import asyncio, ctypes, sys
+from nsprovisioner import SandboxSpec, spawn
+ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE 0, as after a setuid start
+async def main():
+    proc = await spawn(SandboxSpec(), ["/bin/true"])
+    return await proc.wait()
+sys.exit(asyncio.run(main()))
+"""
+
+
+def test_a_non_dumpable_server_still_starts_sandboxes() -> None:
+    """Its /proc files are root's, so an unprivileged one could not write the maps
+    of a Child sharing its memory: it gets the copy (meaningful in the rootless run)."""
+    result = subprocess.run([sys.executable, "-c", NON_DUMPABLE_SERVER], capture_output=True,
+                            text=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
