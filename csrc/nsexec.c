@@ -3,8 +3,9 @@
  *
  * nsx_clone_child() (nsclone.c) clones the Child from the Jupyter server
  * (the Parent), on the event loop's thread. Everything here runs after that
- * clone, in the server's own memory (see nsxsys.h), while the server goes
- * on: so it follows and tightens the discipline of CPython's
+ * clone, in the server's own memory (see nsxsys.h; or in a copy, when
+ * cfg->share_memory is off), while the server goes on: so it follows and
+ * tightens the discipline of CPython's
  * _posixsubprocess.c: no malloc, no stdio, no locks, and no libc call at all
  * but the pure string functions; every syscall is raw and returns -errno.
  * Every buffer it reads was built by Python before the clone and stays

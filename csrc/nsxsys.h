@@ -1,18 +1,19 @@
 /*
  * System calls for the clone stages, without libc.
  *
- * On x86_64 and aarch64 the Child is cloned with CLONE_VM: it runs in the
- * server's own memory instead of a copy (copying a Jupyter server's page
- * tables and tearing the copy down again cost more than the rest of the
- * start together). It also runs with the TLS of the server thread that
+ * On x86_64 and aarch64 the Child is cloned with CLONE_VM (unless spawn()
+ * picks the copy, see share_memory() there): it runs in the server's own
+ * memory instead of a copy (copying a Jupyter server's page tables and
+ * tearing the copy down again cost more than the rest of the start together). It also runs with the TLS of the server thread that
  * cloned it, and that thread keeps running: a libc wrapper's errno store
  * would land in the server thread's errno. So between clone and exec every
  * call goes straight to the kernel and returns -errno, and nothing else of
  * libc is used but the pure string functions (tests/test_csrc.py checks the
  * object files' undefined symbols).
  *
- * Elsewhere the Child gets a copy of the server's memory as before (fork
- * mode) and these calls go through syscall(3), whose errno is then its own.
+ * On other architectures the Child always gets a copy of the server's
+ * memory (fork mode) and these calls go through syscall(3), whose errno is
+ * then its own.
  */
 #ifndef NSPROV_NSXSYS_H
 #define NSPROV_NSXSYS_H
