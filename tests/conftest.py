@@ -12,6 +12,32 @@ import pytest
 
 T = TypeVar("T")
 
+# Python source the boundary probes run inside a sandbox (a command, a CLI
+# run, a kernel) before their checks: err() gives errno names instead of
+# exceptions (None when the call works).
+PROBE_HELPERS = """
+import errno, json, os
+
+def err(fn, *args):
+    try:
+        fn(*args)
+        return None
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+def write(path, data="x"):
+    with open(path, "w") as f:
+        f.write(data)
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def proc_status():
+    return {k: v.strip() for k, _, v in (line.partition(":\\t") for line in
+            read("/proc/self/status").splitlines()) if v}
+"""
+
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on a fresh event loop (the tests own their loops)."""

@@ -20,28 +20,12 @@ import pytest
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, mounts, spawn
 from nsprovisioner.mounts import DEV_NODES, PROC_MASKED_DIRS, PROC_MASKED_FILES, PROC_READONLY
 
-from .conftest import run
+from .conftest import PROBE_HELPERS, run
 
-PRELUDE = """
-import ctypes, errno, json, os, sys
+PRELUDE = PROBE_HELPERS + """
+import ctypes, sys
 libc = ctypes.CDLL(None, use_errno=True)
 out = {}
-
-def err(fn, *args):
-    '''None when fn(*args) works, else the errno name.'''
-    try:
-        fn(*args)
-        return None
-    except OSError as e:
-        return errno.errorcode[e.errno]
-
-def write(path, data="x"):
-    with open(path, "w") as f:
-        f.write(data)
-
-def read(path):
-    with open(path) as f:
-        return f.read()
 
 def sys_err(rc):
     return None if rc >= 0 else errno.errorcode[ctypes.get_errno()]

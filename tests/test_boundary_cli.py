@@ -8,23 +8,14 @@ import subprocess
 import sys
 from pathlib import Path
 
-PROBE = """
-import json, os, errno
-def err(fn, *a):
-    try:
-        fn(*a)
-        return None
-    except OSError as e:
-        return errno.errorcode[e.errno]
-def write(p):
-    with open(p, "w") as f:
-        f.write("x")
-status = dict(l.split(":\\t", 1) for l in open("/proc/self/status").read().splitlines()
-              if ":\\t" in l)
+from .conftest import PROBE_HELPERS
+
+PROBE = PROBE_HELPERS + """
+status = proc_status()
 print(json.dumps({
     "hostname": os.uname().nodename,
-    "seccomp": status["Seccomp"].strip(),
-    "capeff": status["CapEff"].strip(),
+    "seccomp": status["Seccomp"],
+    "capeff": status["CapEff"],
     "hidden": err(os.listdir, os.environ["HIDDEN"]),
     "readonly": err(write, os.environ["READONLY"] + "/f"),
     "readwrite": err(write, os.environ["READWRITE"] + "/f"),

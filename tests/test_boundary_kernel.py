@@ -12,31 +12,18 @@ import pytest
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from .conftest import execute_ok, run
+from .conftest import PROBE_HELPERS, execute_ok, run
 
 pytestmark = pytest.mark.timeout(120)
 
-PROBE = """
-import errno, json, os
-def _err(fn, *a):
-    try:
-        fn(*a)
-        return None
-    except OSError as e:
-        return errno.errorcode[e.errno]
-def _read(p):
-    with open(p) as f:
-        return f.read()
-def _write(p):
-    with open(p, "w") as f:
-        f.write("x")
-_status = dict(l.split(":\\t", 1) for l in _read("/proc/self/status").splitlines() if ":\\t" in l)
+PROBE = PROBE_HELPERS + """
+_status = proc_status()
 print(json.dumps({
-    "status": {k: _status[k].strip() for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp")},
-    "own": json.loads(_read(OWN))["key"] != "",
-    "other": _err(_read, OTHER),
-    "list_runtime": _err(os.listdir, os.path.dirname(OWN)),
-    "usr": _err(_write, "/usr/nsx-probe"),
+    "status": {k: _status[k] for k in ("CapEff", "CapBnd", "NoNewPrivs", "Seccomp")},
+    "own": json.loads(read(OWN))["key"] != "",
+    "other": err(read, OTHER),
+    "list_runtime": err(os.listdir, os.path.dirname(OWN)),
+    "usr": err(write, "/usr/nsx-probe"),
     "home": os.path.expanduser("~"),
     "history": os.path.exists(os.path.expanduser("~/.ipython/profile_default/history.sqlite")),
 }))

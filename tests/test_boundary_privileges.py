@@ -22,8 +22,8 @@ from .test_boundary import probe
 CAP_FIELDS = ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")
 
 STATUS = """
-status = dict(l.split(":\\t", 1) for l in read("/proc/self/status").splitlines() if ":\\t" in l)
-out["status"] = {k: status[k].strip() for k in
+status = proc_status()
+out["status"] = {k: status[k] for k in
                  ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb", "NoNewPrivs", "Seccomp",
                   "Uid")}
 """
