@@ -34,6 +34,7 @@
 #include "nsxsys.h"
 
 #define NSX_MAX_FDS 64
+#define NSX_MAX_COUNTERS 16
 #define NSX_GRANDCHILD_STACK (64 * 1024)
 /* the kernel's sigset_t, as rt_sigaction and rt_sigprocmask take it */
 #define NSX_SIGSET_SIZE ((NSIG - 1) / 8)
@@ -228,6 +229,66 @@ static long loopback_up(void)
     return rc;
 }
 
+/*
+ * The sandbox's share of its user's per-user counters. Linux counts inotify
+ * instances and watches (and namespaces) per user in every user namespace up
+ * the chain, so a limit written here, in our own namespace while we hold
+ * CAP_SYS_RESOURCE in it, caps this sandbox below what the server's user
+ * has in total. The files are opened before the mount table (which makes
+ * /proc/sys read-only) and written after it (whose open_tree() calls each
+ * make a mount namespace of their own, which max_mnt_namespaces = 0 forbids).
+ */
+static long open_user_counters(const struct nsx_config *cfg, int *fds, const char **failed)
+{
+    long fd;
+    int i;
+
+    if (cfg->n_user_counters > NSX_MAX_COUNTERS)
+        return -E2BIG;
+    for (i = 0; i < cfg->n_user_counters; i++) {
+        *failed = cfg->user_counters[i].path;
+        fd = NSX_SYS4(SYS_openat, AT_FDCWD, cfg->user_counters[i].path,
+                      O_WRONLY | O_CLOEXEC, 0);
+        if (fd < 0)
+            return fd;
+        fds[i] = (int)fd;
+    }
+    return 0;
+}
+
+static long write_user_counters(const struct nsx_config *cfg, int *fds, const char **failed)
+{
+    long rc = 0;
+    int i;
+
+    for (i = 0; i < cfg->n_user_counters; i++) {
+        const char *value = cfg->user_counters[i].value;
+
+        if (rc >= 0) {
+            *failed = cfg->user_counters[i].path;
+            rc = NSX_SYS3(SYS_write, fds[i], value, strlen(value));
+        }
+        NSX_SYS1(SYS_close, fds[i]);
+        fds[i] = -1;
+    }
+    return rc < 0 ? rc : 0;
+}
+
+static long set_rlimits(const struct nsx_config *cfg)
+{
+    struct { uint64_t cur, max; } lim;
+    long rc;
+    int i;
+
+    for (i = 0; i < cfg->n_rlimits; i++) {
+        lim.cur = cfg->rlimits[i].soft;
+        lim.max = cfg->rlimits[i].hard;
+        if ((rc = NSX_SYS4(SYS_prlimit64, 0, cfg->rlimits[i].resource, &lim, NULL)) < 0)
+            return rc;
+    }
+    return 0;
+}
+
 static void run_mount_table(const struct nsx_config *cfg, int fd)
 {
     char what[NSX_DETAIL_MAX];
@@ -239,7 +300,8 @@ static void run_mount_table(const struct nsx_config *cfg, int fd)
         const struct nsx_mount *m = &cfg->mounts[i];
 
         rc = checked(cfg, NSX_STEP_MOUNT, nsx_run_mount_op(m));
-        if (rc >= 0 || ((m->flags & NSX_MNT_OPTIONAL) && rc == -ENOENT))
+        if (rc >= 0 || ((m->flags & NSX_MNT_OPTIONAL) && rc == -ENOENT)
+            || ((m->flags & NSX_MNT_REACHABLE) && rc == -EACCES))
             continue;
         len = 0;
         what[0] = '\0';
@@ -336,6 +398,8 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
 {
     int fd = cfg->grandchild_sync_fd;
     int exec_fd = cfg->exec_fd;
+    int counter_fds[NSX_MAX_COUNTERS];
+    const char *counter = NULL;
     struct sock_fprog prog;
     long rc;
 
@@ -361,7 +425,11 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
              "unshare(CLONE_NEWCGROUP)", NULL);
     if (cfg->loopback_up)
         STEP(NSX_STEP_LOOPBACK, loopback_up(), "bring up the loopback interface", NULL);
+    STEP(NSX_STEP_USER_COUNTERS, open_user_counters(cfg, counter_fds, &counter), "open",
+         counter);
     run_mount_table(cfg, fd);
+    STEP(NSX_STEP_USER_COUNTERS, write_user_counters(cfg, counter_fds, &counter), "write",
+         counter);
     if (cfg->hostname)
         STEP(NSX_STEP_HOSTNAME, NSX_SYS2(SYS_sethostname, cfg->hostname, strlen(cfg->hostname)),
              "sethostname", cfg->hostname);
@@ -369,6 +437,7 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
         STEP(NSX_STEP_CHDIR, NSX_SYS1(SYS_chdir, cfg->cwd), "chdir to", cfg->cwd);
     STEP(NSX_STEP_FDS, setup_fds(cfg, &fd, &exec_fd), "set up fds", NULL);
     STEP(NSX_STEP_FDS, reset_signals(), "reset signal handlers", NULL);
+    STEP(NSX_STEP_RLIMITS, set_rlimits(cfg), "setrlimit", NULL);
     if (cfg->no_new_privs)
         STEP(NSX_STEP_NO_NEW_PRIVS, prctl2(PR_SET_NO_NEW_PRIVS, 1),
              "prctl(PR_SET_NO_NEW_PRIVS)", NULL);

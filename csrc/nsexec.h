@@ -72,6 +72,8 @@ enum nsx_step {
     NSX_STEP_SECCOMP = 31,
     NSX_STEP_SEND_GRANDCHILD_READY = 32,
     NSX_STEP_EXEC = 33,
+    NSX_STEP_USER_COUNTERS = 35,
+    NSX_STEP_RLIMITS = 36,
     /* the init (stage 3) */
     NSX_STEP_INIT_SETUP = 40,
     NSX_STEP_INIT_FORK = 41,
@@ -109,6 +111,8 @@ enum nsx_mount_op {
 /* nsx_mount.flags */
 #define NSX_MNT_OPTIONAL 1   /* ENOENT on the target is not an error */
 #define NSX_MNT_RECURSIVE 2  /* NSX_MNT_SETATTR applies to every submount */
+#define NSX_MNT_REACHABLE 4  /* EACCES is not an error: a path the sandbox can't
+                              * reach needs no protection */
 
 struct nsx_mount {
     int op;
@@ -118,6 +122,25 @@ struct nsx_mount {
     const char *fstype;
     unsigned long mountflags;
     const char *data;
+    /* NSX_MNT_BIND: the source's identity when Python checked it (st_dev,
+     * st_ino); a source that is now another file fails with ESTALE. 0, 0:
+     * not checked. */
+    uint64_t source_dev;
+    uint64_t source_ino;
+};
+
+/* A resource limit the command starts with (setrlimit: soft and hard). */
+struct nsx_rlimit {
+    int resource;
+    uint64_t soft;
+    uint64_t hard;
+};
+
+/* A write to /proc/sys/user/<name> in the sandbox's own user namespace:
+ * its per-namespace share of the per-user counters (inotify, namespaces). */
+struct nsx_counter {
+    const char *path;    /* /proc/sys/user/<name> */
+    const char *value;   /* decimal */
 };
 
 struct nsx_fdmap {
@@ -155,6 +178,11 @@ struct nsx_config {
     const char *exec_path;   /* the program, or the fallback for exec_fd */
     char *const *argv;
     char *const *envp;
+
+    const struct nsx_counter *user_counters;
+    int n_user_counters;
+    const struct nsx_rlimit *rlimits;
+    int n_rlimits;
 
     int no_new_privs;
     int drop_caps;

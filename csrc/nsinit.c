@@ -181,6 +181,12 @@ int main(int argc, char **argv)
     int status = 0, sig;
 
     prctl(PR_SET_NAME, "nsinit", 0, 0, 0);
+    /* The kernel runs as our uid: without this it could ptrace us, stop us
+     * (and with us every signal Jupyter sends) or read our memory. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
+        fprintf(stderr, "nsinit: prctl(PR_SET_DUMPABLE): %s\n", strerror(errno));
+        return 1;
+    }
     configure_signals(&waited, &original);
     /* A server's pid means nothing in here; the command's parent is PID 1,
      * for which ipykernel skips its parent poller. */

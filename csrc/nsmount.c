@@ -74,6 +74,22 @@ static long open_path_nofollow(const char *path)
 }
 
 /*
+ * Python stat'ed the source when it planned the bind; a path that names
+ * another file now (a component renamed and recreated since) must not be
+ * bound in its place.
+ */
+static long check_identity(long fd, const struct nsx_mount *m)
+{
+    struct stat st;
+    long rc = NSX_SYS2(SYS_fstat, fd, &st);
+
+    if (rc < 0)
+        return rc;
+    return (uint64_t)st.st_dev == m->source_dev && (uint64_t)st.st_ino == m->source_ino
+           ? 0 : -ESTALE;
+}
+
+/*
  * The binds of configured paths. Python resolved them to real paths, but a
  * process in another sandbox that can write a parent directory could swap
  * in a symlink since then: both ends are opened refusing symlinks (ELOOP
@@ -88,7 +104,9 @@ static long bind_nofollow(const struct nsx_mount *m)
     long src, dst = -1, tree = -1, rc;
 
     rc = src = open_path_nofollow(m->source);
-    if (src >= 0)
+    if (src >= 0 && m->source_ino)
+        rc = check_identity(src, m);
+    if (rc >= 0)
         rc = dst = open_path_nofollow(m->target);
     if (dst >= 0)
         rc = tree = NSX_SYS3(SYS_open_tree, src, "",

@@ -9,6 +9,7 @@ and closes every fd it opened before raising one SandboxError.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import threading
@@ -22,7 +23,7 @@ from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, give_back_stack, run_handshake, take_stack
 from .idmap import IdRange, check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
-from .mounts import MountOp, plan_mounts
+from .mounts import MountOp, PathPins, plan_mounts
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env
 from .seccomp import build_filter
@@ -53,6 +54,34 @@ def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
     if not os.path.isdir(path):
         raise SandboxError(f"cwd {path} does not exist or is not a directory", step="chdir")
     return path
+
+
+USER_COUNTERS_DIR = "/proc/sys/user"
+
+
+def user_counters(spec: SandboxSpec) -> list[tuple[str, str]]:
+    """(file, value) for the /proc/sys/user counters this host has, lowered only: a
+    value above the host's own per-user limit would mean nothing."""
+    out = []
+    for name, value in spec.user_counters.items():
+        path = os.path.join(USER_COUNTERS_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                host = int(f.read())
+        except (OSError, ValueError):
+            continue  # a counter this kernel doesn't have
+        out.append((path, str(min(value, host))))
+    return out
+
+
+def rlimits(spec: SandboxSpec) -> list[tuple[int, int]]:
+    """(resource, limit): RLIMIT_NPROC counts the processes of the sandbox's user in its
+    own user namespace (Linux 5.14+), so it caps this sandbox, not the user's others."""
+    if spec.nproc_limit is None:
+        return []
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # only root could raise it
+    limit = spec.nproc_limit if hard == resource.RLIM_INFINITY else min(spec.nproc_limit, hard)
+    return [(resource.RLIMIT_NPROC, limit)]
 
 
 def outside_id(ranges: Sequence[IdRange], inside: int) -> int | None:
@@ -203,7 +232,8 @@ class _MountTable:
         for i, m in enumerate(plan):
             self.array[i] = {"op": m.op, "flags": m.flags, "source": self._string(m.source),
                              "target": self._string(m.target), "fstype": self._string(m.fstype),
-                             "mountflags": m.mountflags, "data": self._string(m.data)}
+                             "mountflags": m.mountflags, "data": self._string(m.data),
+                             "source_dev": m.source_dev, "source_ino": m.source_ino}
 
     def _string(self, text: str | None) -> Any:
         if text is None:
@@ -227,12 +257,16 @@ async def spawn(
     stderr: Stdio = None,
     pass_fds: Sequence[int] = (),
     name: str | None = None,
+    path_pins: PathPins | None = None,
     _fault_step: str | None = None,
 ) -> SandboxProcess:
     """Start `argv` in a new sandbox described by `spec`; returns once it is exec'd.
 
     stdin/stdout/stderr: None (inherit), DEVNULL, PIPE, an fd or a file.
     `name` names the sandbox's cgroup (e.g. the kernel id); a random one by default.
+    `path_pins`: what the configured paths resolved to at the first of a
+    series of starts (a kernel and its restarts); a path that resolves
+    elsewhere now fails the start.
     `_fault_step` (tests only) makes the named step fail.
     """
     if not isinstance(spec, SandboxSpec):
@@ -252,11 +286,12 @@ async def spawn(
         if needs_helper(list(ranges), own):
             check_helper_map(list(ranges), kind, own)
 
-    mounts = plan_mounts(spec, workdir)
+    command = resolve_command(args[0], environ)
+    mounts = plan_mounts(spec, workdir, argv0=command, pins=path_pins)
     seccomp_filter = build_filter(spec.seccomp, spec.strict)
     cgroup = create_cgroup(spec, name)
     try:
-        return await _clone_and_handshake(spec, args, envp, environ, workdir, mounts,
+        return await _clone_and_handshake(spec, args, envp, command, workdir, mounts,
                                           seccomp_filter, cgroup, fault, deny_setgroups,
                                           (stdin, stdout, stderr), pass_fds)
     except BaseException:
@@ -266,7 +301,7 @@ async def spawn(
 
 
 async def _clone_and_handshake(
-    spec: SandboxSpec, args: list[str], envp: list[str], environ: dict[str, str],
+    spec: SandboxSpec, args: list[str], envp: list[str], command: str,
     workdir: str, mounts: Sequence[MountOp], seccomp_filter: bytes | None,
     cgroup: SandboxCgroup | None, fault: int, deny_setgroups: bool,
     stdio_specs: tuple[Stdio, Stdio, Stdio], pass_fds: Sequence[int],
@@ -284,7 +319,7 @@ async def _clone_and_handshake(
             exec_fd = init_memfd()
             exec_argv = ["nsinit", "--sync-fd", str(sync_target), "--", *args]
         else:
-            exec_path = resolve_command(args[0], environ)
+            exec_path = command
             exec_fd = -1
             exec_argv = args
 
@@ -323,6 +358,14 @@ async def _clone_and_handshake(
         cfg.exec_path = c.string(exec_path)
         cfg.argv = c.string_array(exec_argv)
         cfg.envp = c.string_array(envp)
+        counters = user_counters(spec)
+        cfg.user_counters = c.keep(ffi.new("struct nsx_counter[]", [
+            {"path": c.string(path), "value": c.string(value)} for path, value in counters]))
+        cfg.n_user_counters = len(counters)
+        limits = rlimits(spec)
+        cfg.rlimits = c.keep(ffi.new("struct nsx_rlimit[]", [
+            {"resource": r, "soft": v, "hard": v} for r, v in limits]))
+        cfg.n_rlimits = len(limits)
         cfg.no_new_privs = 1
         cfg.drop_caps = 1
         if seccomp_filter:
