@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
-from .sandbox import SandboxSpec
+from .sandbox import DEFAULT_NPROC_LIMIT, DEFAULT_STATE_DIR, DEFAULT_TMP_SIZE, SandboxSpec
 from .spawn import spawn
 
 # verb -> module with add_arguments(parser) and main(args) -> int
@@ -53,12 +53,25 @@ def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
                    help="a path covered by an empty, unreadable mount (repeatable)")
     g.add_argument("--no-private-tmp", dest="private_tmp", action="store_false",
                    help="share the host's /tmp and /var/tmp instead of private tmpfs")
+    g.add_argument("--no-private-run", dest="private_run", action="store_false",
+                   help="share the host's /run (and its Unix sockets)")
+    g.add_argument("--tmp-size", default=DEFAULT_TMP_SIZE, metavar="SIZE",
+                   help=f"size of the private /tmp, /var/tmp, /dev/shm (default "
+                   f"{DEFAULT_TMP_SIZE.replace('%', '%%')} of RAM)")
+    g.add_argument("--no-protect-home", dest="protect_home", action="store_false",
+                   help="leave home's dot entries and Jupyter's and Python's dirs writable")
+    g.add_argument("--protected", action="append", metavar="PATH", dest="protected_paths",
+                   help="a path read-only even below a writable one (repeatable)")
+    g.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                   help=f"the sandbox's own writable state (default {DEFAULT_STATE_DIR})")
     g.add_argument("--seccomp", choices=["default", "off"], default="default",
                    help="the default seccomp filter, or none")
     g = p.add_argument_group("resource limits")
     g.add_argument("--memory-limit", metavar="SIZE", help="memory (and swap) limit, e.g. 512M")
     g.add_argument("--cpu-limit", type=float, metavar="CORES", help="CPU limit in cores, e.g. 0.5")
     g.add_argument("--pids-limit", type=int, metavar="N", help="most processes at once")
+    g.add_argument("--nproc-limit", type=int, default=DEFAULT_NPROC_LIMIT, metavar="N",
+                   help=f"RLIMIT_NPROC inside (default {DEFAULT_NPROC_LIMIT})")
     g.add_argument("--cgroup-parent", default="auto", metavar="PATH",
                    help="where the sandbox's cgroup is created (default: auto)")
     g.add_argument("--no-strict", dest="strict", action="store_false",
@@ -72,7 +85,10 @@ def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
         readwrite_paths=(args.readwrite_paths if args.readwrite_paths is not None
                          else ("~", "{cwd}")),
         readonly_paths=args.readonly_paths or (), hidden_paths=args.hidden_paths or (),
-        private_tmp=args.private_tmp, seccomp=args.seccomp, memory_limit=args.memory_limit,
+        private_tmp=args.private_tmp, private_run=args.private_run, tmp_size=args.tmp_size,
+        protect_home=args.protect_home, protected_paths=args.protected_paths or (),
+        state_dir=args.state_dir, nproc_limit=args.nproc_limit,
+        seccomp=args.seccomp, memory_limit=args.memory_limit,
         cpu_limit=args.cpu_limit, pids_limit=args.pids_limit,
         cgroup_parent=args.cgroup_parent, strict=args.strict,
     )
