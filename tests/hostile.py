@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import site
 import subprocess
 import sys
@@ -39,19 +39,9 @@ class Host:
     env: dict[str, str]
     python: str
 
-    def read_tree(self, top: Path) -> dict[str, bytes | None]:
-        """Every entry under `top` with its content (None for directories), as a snapshot."""
-        found: dict[str, bytes | None] = {}
-        for dirpath, dirnames, filenames in os.walk(top):
-            for name in dirnames:
-                found[os.path.join(dirpath, name)] = None
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                try:
-                    found[path] = Path(path).read_bytes()
-                except OSError:
-                    found[path] = b"<unreadable>"
-        return found
+    def list_tree(self, top: Path) -> set[str]:
+        """Every path under `top`: what a snapshot before and after a kernel's run compares."""
+        return {os.path.join(d, n) for d, dirs, files in os.walk(top) for n in dirs + files}
 
     def run_python(self, code: str) -> subprocess.CompletedProcess[str]:
         """`code` run by the server's interpreter in the server's environment: what the
@@ -149,7 +139,7 @@ class ServerProcess:
     def execute(self, kernel: str, code: str, timeout: float = 20) -> str:
         """Run `code` in a kernel; its output, after asserting the cell ran ok."""
         reply = self.ok("execute", id=kernel, code=code, timeout=timeout)
-        assert reply["status"] == "ok", reply["out"]
+        assert reply["status"] == "ok", re.sub(r"\x1b\[[0-9;]*m", "", reply["out"])
         return str(reply["out"])
 
     def log(self) -> str:
@@ -177,11 +167,3 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def remove_tree(path: Path) -> None:
-    """rm -rf that also gets through directories a sandbox left read-only."""
-    def make_writable(func: Any, p: str, _: Any) -> None:
-        os.chmod(os.path.dirname(p), 0o700)
-        func(p)
-    shutil.rmtree(path, onerror=make_writable)

@@ -132,7 +132,7 @@ def test_kernel_holds_no_server_fd(tmp_path: Path, stdio: Terminal | None) -> No
     read = "".join(e.get("read", "") for e in seen.values())
     assert secret not in read, "the kernel read the server's log"
     assert typed not in read, "the kernel read what was typed into the server's terminal"
-    shared = {path: outside[tuple(e["id"])] for path, e in seen.items()  # type: ignore[misc]
+    shared = {path: outside[tuple(e["id"])] for path, e in seen.items()
               if "id" in e and tuple(e["id"]) in outside}
     assert not shared, f"the kernel holds the server's fds: {shared}"
     ttys = [path for path, e in seen.items() if e.get("tty")]

@@ -15,6 +15,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import zipfile
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from typing import Any
 import pytest
 
 from .conftest import PROBE_HELPERS
-from .hostile import SANDBOXED, Host, ServerProcess, make_host, remove_tree, write_kernelspec
+from .hostile import SANDBOXED, Host, ServerProcess, make_host, write_kernelspec
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -134,7 +135,7 @@ def skel_home(host: Host) -> None:
 def bare_home(host: Host) -> None:
     for entry in host.home.iterdir():
         if entry.name not in ("notebooks", "venv"):
-            remove_tree(entry)
+            shutil.rmtree(entry)
 
 
 @pytest.fixture(scope="module", params=LAYOUTS)
@@ -268,16 +269,18 @@ def test_pip_install_in_a_kernel_stays_in_the_sandbox(tmp_path: Path, user: str)
     with ServerProcess(host, tmp_path / "server.log") as server:
         paths = server.ok("paths")
         server_dirs = [Path(paths["prefix"]), Path(paths["user_site"])]
-        before = {d: host.read_tree(d) for d in server_dirs}
+        before = {d: host.list_tree(d) for d in server_dirs}
         first = server.ok("start", name=SANDBOXED, cwd=str(host.home / "notebooks"))["id"]
         installed = server.execute(first, f"%pip install --no-index --disable-pip-version-check "
                                           f"{user} {wheel}", timeout=60)
-        assert server.execute(first, use).strip() == "42", installed
+        in_that_kernel = server("execute", id=first, code=use)
         later = server.ok("start", name=SANDBOXED, cwd=str(host.home / "notebooks"))["id"]
-        assert server.execute(later, use).strip() == "42"
+        in_a_later_kernel = server("execute", id=later, code=use)
     imported = host.run_python(use)
     assert imported.returncode != 0 and "ModuleNotFoundError" in imported.stderr, (
         f"the server's interpreter imports what a kernel installed: {imported.stdout}")
     for d in server_dirs:
-        new = sorted(set(host.read_tree(d)) - set(before[d]))
+        new = sorted(host.list_tree(d) - before[d])
         assert not new, f"the kernel's install wrote into the server's {d}: {new[:5]}"
+    assert in_that_kernel.get("out", "").strip() == "42", (installed, in_that_kernel)
+    assert in_a_later_kernel.get("out", "").strip() == "42", in_a_later_kernel
