@@ -23,7 +23,6 @@ import time
 import traceback
 from typing import IO, Any
 
-from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 from jupyter_core.paths import (
     jupyter_config_dir,
@@ -52,14 +51,7 @@ class Server:
                 "config_path": jupyter_config_path(), "data_dir": jupyter_data_dir(),
                 "runtime_dir": jupyter_runtime_dir(), "prefix": sys.prefix,
                 "site": site.getsitepackages(), "user_site": site.getusersitepackages(),
-                "enable_user_site": bool(site.ENABLE_USER_SITE), "pid": os.getpid(),
                 "executable": sys.executable}
-
-    async def op_kernelspec(self, name: str) -> dict[str, Any]:
-        spec = KernelSpecManager().get_kernel_spec(name)
-        provisioner = spec.metadata.get("kernel_provisioner", {}).get("provisioner_name")
-        return {"resource_dir": spec.resource_dir, "provisioner": provisioner,
-                "argv": spec.argv}
 
     async def op_start(self, name: str, cwd: str | None = None) -> dict[str, Any]:
         kid = await self.mkm.start_kernel(kernel_name=name, cwd=cwd)

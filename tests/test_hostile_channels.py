@@ -49,7 +49,7 @@ def test_another_kernel_cannot_subscribe_to_iopub(tmp_path: Path, victim: str) -
     secret = f"OUTPUT-SECRET-{uuid.uuid4().hex}"
     with ServerProcess(host, tmp_path / "server.log") as server:
         started = server.ok("start", name=victim, cwd=str(host.home / "notebooks"))
-        info = started["connection_info"]
+        info = json.loads(Path(started["connection_file"]).read_text())
         if info["transport"] == "tcp":
             endpoint = f"tcp://{info['ip']}:{info['iopub_port']}"
             socket_dir = None
