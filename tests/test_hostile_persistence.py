@@ -231,8 +231,9 @@ def test_kernel_cannot_hijack_the_sandboxed_kernelspec(tmp_path: Path, where: st
             f"KERNEL_DIRS, ORIGINAL, NAME, MARKER = {kernels!r}, "
             f"{os.path.dirname(original_dir)!r}, {SANDBOXED!r}, {str(marker)!r}\n") + HIJACK))
     # what the next server resolves, and starts
-    assert json.loads(host.run_python(resolve).stdout) == [original_dir,
-                                                           "namespace-provisioner"], tried
+    resolved = json.loads(host.run_python(resolve).stdout)
+    assert resolved == [original_dir, "namespace-provisioner"], (
+        f"the next server's {SANDBOXED!r} is {resolved} (the kernel's writes: {tried})")
     assert Path(original_dir, "kernel.json").read_bytes() == original
     assert all(tried.values()), f"the kernel wrote a kernelspec: {tried}"
 
