@@ -123,6 +123,8 @@ def visible_in_sandbox(path: str, spec: SandboxSpec, cwd: str) -> bool:
     if spec.private_tmp:
         # a fresh tmpfs inside: the host's files there are not the kernel's
         rules += [("/tmp", False), ("/var/tmp", False)]
+    if spec.private_run:
+        rules += [("/run", False)]
     rules += [(_expand(p, cwd), False) for p in spec.hidden_paths]
     rules += [(_expand(p, cwd), True) for p in (*spec.readonly_paths, *spec.readwrite_paths)]
     real = os.path.realpath(path)
