@@ -374,3 +374,24 @@ def test_no_namespace_can_be_made_inside_even_without_seccomp(no_leaks: None) ->
         out["net"] = sys_err(libc.unshare(0x40000000))
     """)
     assert (r["user"], r["net"]) == ("ENOSPC", "EPERM")
+
+
+def test_an_interpreter_under_the_private_tmp_is_bound_back_read_only(
+        no_leaks: None, tmp_path: Path) -> None:
+    """A venv made under /tmp (CI systems, tools) would vanish under the private /tmp."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    tool = venv / "bin" / "tool"
+    tool.write_text("#!/bin/sh\necho ran; touch \"$0.x\" 2>/dev/null || echo read-only\n")
+    tool.chmod(0o755)
+
+    async def main() -> tuple[int, bytes]:
+        proc = await spawn(SandboxSpec(readwrite_paths=()), [str(tool)], cwd="/",
+                           stdout=PIPE)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        code = await proc.wait()
+        proc.close_pipes()
+        return code, out
+
+    assert run(main()) == (0, b"ran\nread-only\n")
