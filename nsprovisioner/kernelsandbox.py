@@ -92,8 +92,8 @@ SHARED_DIRS = ("/", "/tmp", "/var/tmp")
 
 
 def hide_runtime_dirs(spec: SandboxSpec, runtime_dirs: Iterable[str],
-                      connection_file: str) -> SandboxSpec:
-    """`spec` with Jupyter's runtime dirs hidden and only this kernel's file in them shown.
+                      *connection_files: str) -> SandboxSpec:
+    """`spec` with Jupyter's runtime dirs hidden and only this kernel's file(s) in them shown.
 
     The runtime dir holds every kernel's connection file (their HMAC keys)
     and the server's cookie secret. The more specific path wins, so the
@@ -107,7 +107,7 @@ def hide_runtime_dirs(spec: SandboxSpec, runtime_dirs: Iterable[str],
         # one not yet made holds no secret; mounts.py wants existing paths
         if path not in hidden and path not in shared and os.path.isdir(path):
             hidden.append(path)
-    readonly = [*spec.readonly_paths, os.path.realpath(connection_file)]
+    readonly = [*spec.readonly_paths, *(os.path.realpath(f) for f in connection_files)]
     return replace(spec, hidden_paths=tuple(hidden), readonly_paths=tuple(readonly))
 
 

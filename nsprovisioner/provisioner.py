@@ -28,6 +28,7 @@ from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
 from .ipcdir import expose_only, make_socket_dir, remove_socket_dir
+from .kernel_launcher import kernel_argv
 from .kernelsandbox import (
     CONFIG_KEYS,
     DEFAULT_ENV_KEEP,
@@ -190,6 +191,7 @@ class NamespaceProvisioner(LocalProvisioner):
             raise SandboxError("launch_kernel called before pre_launch")
         self.cwd = kwargs.get("cwd") or os.getcwd()
         stdin = kwargs.get("stdin")
+        cmd = kernel_argv(cmd)  # we are the sandbox the kernelspec's launcher prefix asks for
         try:
             proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
                                stdin=DEVNULL if stdin is None else stdin,
