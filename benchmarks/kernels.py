@@ -126,7 +126,8 @@ async def main(repeat: int, concurrent: list[int], json_out: Path | None,
             results[f"{count} concurrent failures"] = {p: found[p][1] for p in PROVISIONERS}
     print_table(results, repeat)
     if json_out:
-        json_out.write_text(json.dumps({"repeat": repeat, "results": results}, indent=2))
+        json_out.write_text(json.dumps({"repeat": repeat, "results": results,
+                                        "samples": samples}, indent=2))
     if plot_out:
         plot(results, plot_out)
 

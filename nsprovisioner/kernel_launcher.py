@@ -144,28 +144,31 @@ def resolve(kernelspec_path: str) -> tuple[SandboxSpec, tuple[str, ...], dict[st
     return sandbox, keep, spec
 
 
-def connection_files(argv: Sequence[str]) -> list[str]:
+def connection_files(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     """The connection files named in the kernel's argv (`-f F`, `--f=F`,
-    `--connection-file=F`...): existing .json files, as clients write them."""
-    found = []
+    `--connection-file=F`...), by real path: JSON files with a key and ports.
+    Other files in the argv are no business of the sandbox's."""
+    found = {}
     for arg in argv:
         value = arg.split("=", 1)[1] if arg.startswith("-") and "=" in arg else arg
         value = value.strip('"')  # VS Code quotes paths with spaces
-        if value.endswith(".json") and os.path.isfile(value):
-            found.append(os.path.realpath(value))
-    return found
-
-
-def transport(argv: Sequence[str], files: Sequence[str]) -> tuple[str, str | None]:
-    """The zmq transport the client chose and, for ipc, the socket path prefix."""
-    for path in files:
+        if not value.endswith(".json") or not os.path.isfile(value):
+            continue
         try:
-            with open(path) as f:
+            with open(value) as f:
                 info = json.load(f)
         except (OSError, ValueError):
             continue
-        if isinstance(info, dict) and "transport" in info:
-            return str(info["transport"]), info.get("ip")
+        if isinstance(info, dict) and "key" in info and "shell_port" in info:
+            found[os.path.realpath(value)] = info
+    return found
+
+
+def transport(argv: Sequence[str], files: dict[str, dict[str, Any]]) -> tuple[str, str | None]:
+    """The zmq transport the client chose and, for ipc, the socket path prefix."""
+    if files:
+        info = next(iter(files.values()))
+        return str(info.get("transport", "tcp")), info.get("ip")
     # VS Code passes a Python kernel's connection on the command line instead
     for arg in argv:
         if arg.startswith("--transport="):

@@ -208,8 +208,34 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
         assert sandbox and not any(os.path.isdir(d) for d in sandbox.values())
 
 
-def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path) -> None:
-    """The provisioner strips the launcher prefix: one init, the kernel its only child."""
+def test_vs_code_style_launch_without_a_connection_file_is_sandboxed(
+        kernels: Path, tmp_path: Path) -> None:
+    """VS Code starts a Python kernelspec with its interpreter, drops `-f {connection_file}`
+    and appends the connection as flags, writing no file (vscode-jupyter kernelProcess)."""
+    spec_dir = kernels / "python3-sandboxed"
+    connection_file, info = write_connection_file(str(tmp_path / "runtime" / "kernel-6.json"),
+                                                  ip="127.0.0.1")
+    argv = raw_argv(spec_dir, "{connection_file}")
+    del argv[argv.index("-f"):argv.index("-f") + 2]
+    argv += [f"--ip={info['ip']}", f"--stdin={info['stdin_port']}",
+             f"--control={info['control_port']}", f"--hb={info['hb_port']}",
+             f'--Session.signature_scheme="{info["signature_scheme"]}"',
+             f'--Session.key=b"{info["key"]}"', f"--shell={info['shell_port']}",
+             '--transport="tcp"', f"--iopub={info['iopub_port']}",
+             f"--f={tmp_path / 'runtime' / 'kernel-v2-1.json'}"]
+    with direct_launch(argv, connection_file) as (_, kc):
+        kc.wait_for_ready(timeout=READY_TIMEOUT)
+        inside = json.loads(execute(kc, WHO_AM_I))
+        assert inside["ns"]["pid"] != own_ns("pid") and inside["ns"]["user"] != own_ns("user")
+
+
+@pytest.mark.parametrize("config", [{}, {"network": "none"}])
+def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path,
+                                                          config: dict[str, Any]) -> None:
+    """The provisioner strips the launcher prefix: one init, the kernel its only child;
+    interrupt and the ipc transport (network none) work as with a plain argv."""
+    set_config(kernels / "python3-sandboxed", config)
+
     async def main() -> None:
         km = AsyncKernelManager(kernel_name="python3-sandboxed",
                                 kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(kernels)]))
@@ -218,14 +244,21 @@ def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path) -> None
         kc.start_channels()
         try:
             await kc.wait_for_ready(timeout=READY_TIMEOUT)
+            assert km.transport == ("ipc" if config else "tcp")
             init = km.provisioner.sandbox_pid  # type: ignore[union-attr]
             assert init in children(os.getpid())
             [kernel] = children(init)
             assert cmdline(init)[0].startswith("nsinit")
             assert cmdline(kernel)[1:3] == ["-m", "ipykernel_launcher"]
-            assert children(kernel) == [] or not any(
-                cmdline(p)[0].startswith("nsinit") for p in children(kernel))
+            assert not any(cmdline(p)[0].startswith("nsinit") for p in children(kernel))
             assert not any(MODULE in cmdline(p) for p in children(os.getpid()))
+
+            kc.execute("import time; time.sleep(60)")
+            while (await kc.get_iopub_msg(timeout=10))["msg_type"] != "execute_input":
+                pass
+            await km.interrupt_kernel()
+            reply = await kc.get_shell_msg(timeout=10)
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
         finally:
             kc.stop_channels()
             await km.shutdown_kernel(now=True)
