@@ -44,6 +44,9 @@ READY_TIMEOUT = 30
 WHO_AM_I = ("import json, os; print(json.dumps({'ns': {n: os.readlink(f'/proc/self/ns/{n}') "
             "for n in ('pid', 'user', 'net')}, 'pid': os.getpid(), 'env': sorted(os.environ)}))")
 
+# a cell that says when it runs, then runs until interrupted
+SLEEP = "import time; print('go', flush=True); time.sleep(60)"
+
 
 @pytest.fixture
 def pids_controller() -> None:
@@ -107,7 +110,9 @@ def direct_launch(argv: list[str], connection_file: str) -> Iterator[
     proc = subprocess.Popen(argv, start_new_session=True, stdin=subprocess.DEVNULL)
     kc = BlockingKernelClient(connection_file=connection_file)
     kc.load_connection_file()
-    kc.start_channels()
+    # no heartbeat: a manager-less client takes a slow start (a loaded machine)
+    # for a dead kernel when the heartbeat misses its first beats
+    kc.start_channels(hb=False)
     try:
         yield proc, kc
     finally:
@@ -174,9 +179,13 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
     spec_dir = kernels / "python3-sandboxed" if which == "shipped" else installed_spec(kernels)
     connection_file, _ = write_connection_file(str(tmp_path / "runtime" / "kernel-1.json"),
                                                ip="127.0.0.1")
+    (tmp_path / "runtime" / "kernel-other.json").write_text("{}")  # another kernel's
     with direct_launch(raw_argv(spec_dir, connection_file), connection_file) as (proc, kc):
         kc.wait_for_ready(timeout=READY_TIMEOUT)
         inside = json.loads(execute(kc, WHO_AM_I))
+        seen = execute(kc, f"import os; print([os.path.exists(f) for f in ({connection_file!r}, "
+                           f"{str(tmp_path / 'runtime' / 'kernel-other.json')!r})])")
+        assert seen == "[True, False]\n", "its own connection file only"
         assert inside["ns"]["pid"] != own_ns("pid") and inside["ns"]["user"] != own_ns("user")
         assert inside["pid"] == 2, "the kernel is the child of the sandbox's init"
         assert "JPY_PARENT_PID" in inside["env"] and "PYTEST_CURRENT_TEST" not in inside["env"]
@@ -193,10 +202,9 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
         assert limits == [str(PIDS_LIMIT)]
 
         # interrupt_mode "signal": the client's SIGINT goes to the launcher
-        kc.execute("import time; time.sleep(60)")
-        busy = kc.get_iopub_msg(timeout=10)
-        while busy["msg_type"] != "execute_input":
-            busy = kc.get_iopub_msg(timeout=10)
+        kc.execute(SLEEP)
+        while kc.get_iopub_msg(timeout=10)["msg_type"] != "stream":
+            pass  # until the cell runs: a SIGINT before that may not reach it
         os.kill(proc.pid, signal.SIGINT)
         reply = kc.get_shell_msg(timeout=10)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
@@ -253,8 +261,8 @@ def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path,
             assert not any(cmdline(p)[0].startswith("nsinit") for p in children(kernel))
             assert not any(MODULE in cmdline(p) for p in children(os.getpid()))
 
-            kc.execute("import time; time.sleep(60)")
-            while (await kc.get_iopub_msg(timeout=10))["msg_type"] != "execute_input":
+            kc.execute(SLEEP)
+            while (await kc.get_iopub_msg(timeout=10))["msg_type"] != "stream":
                 pass
             await km.interrupt_kernel()
             reply = await kc.get_shell_msg(timeout=10)
