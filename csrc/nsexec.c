@@ -31,6 +31,7 @@
 #include "nsexec.h"
 #include "nsexec_stages.h"
 #include "nsmount.h"
+#include "nsnet.h"
 #include "nsxsys.h"
 
 #define NSX_MAX_FDS 64
@@ -425,6 +426,8 @@ static _Noreturn void run_grandchild(const struct nsx_config *cfg)
              "unshare(CLONE_NEWCGROUP)", NULL);
     if (cfg->loopback_up)
         STEP(NSX_STEP_LOOPBACK, loopback_up(), "bring up the loopback interface", NULL);
+    if (cfg->net)
+        STEP(NSX_STEP_NETWORK, nsx_net_setup(cfg->net), "set up the egress network", NULL);
     STEP(NSX_STEP_USER_COUNTERS, open_user_counters(cfg, counter_fds, &counter), "open",
          counter);
     run_mount_table(cfg, fd);

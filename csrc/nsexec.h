@@ -74,6 +74,7 @@ enum nsx_step {
     NSX_STEP_EXEC = 33,
     NSX_STEP_USER_COUNTERS = 35,
     NSX_STEP_RLIMITS = 36,
+    NSX_STEP_NETWORK = 37,
     /* the init (stage 3) */
     NSX_STEP_INIT_SETUP = 40,
     NSX_STEP_INIT_FORK = 41,
@@ -143,6 +144,28 @@ struct nsx_counter {
     const char *value;   /* decimal */
 };
 
+/* An address range, for the egress network's rules (nsnet.c). */
+struct nsx_net_range {
+    int family;                /* AF_INET or AF_INET6 */
+    unsigned char addr[16];    /* network byte order; 4 bytes used for AF_INET */
+    int prefix;
+};
+
+/*
+ * network = "egress": what the GrandChild sets up in its new network
+ * namespace while it still holds CAP_NET_ADMIN there (nsnet.c), and the
+ * socket on which it hands that namespace (and its user namespace) to the
+ * Parent, which attaches the user-mode network stack to them.
+ */
+struct nsx_net {
+    const struct nsx_net_range *deny;   /* "prohibit" rules ahead of every route */
+    int n_deny;
+    const struct nsx_net_range *dns;    /* UDP port 53 to these stays allowed: the
+                                         * stack's DNS forwarder */
+    int n_dns;
+    int ns_sock;                        /* SOCK_SEQPACKET; receives the two fds */
+};
+
 struct nsx_fdmap {
     int src;
     int dst;
@@ -158,6 +181,7 @@ struct nsx_config {
     int unshare_flags;       /* CLONE_NEW* the Child unshares after the user ns */
     int unshare_cgroup;      /* the GrandChild unshares the cgroup ns */
     int loopback_up;         /* bring up lo in the new network namespace */
+    const struct nsx_net *net;  /* egress rules and hand-over (nsnet.c), or NULL */
     int cgroup_fd;           /* a cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */
 
     int uid;                 /* identity inside, already mapped */

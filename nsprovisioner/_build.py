@@ -19,7 +19,8 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
     '#include "nsexec.h"',
-    sources=[str(CSRC / name) for name in ("nsclone.c", "nsexec.c", "nsmount.c", "nsxsys.c")],
+    sources=[str(CSRC / name) for name in ("nsclone.c", "nsexec.c", "nsmount.c", "nsnet.c",
+                                                       "nsxsys.c")],
     include_dirs=[str(CSRC)],
     extra_compile_args=["-Wall", "-Wextra", "-Werror", "-std=gnu11"],
     # Every symbol bound at load: the clone stages share the server's memory

@@ -14,7 +14,14 @@ from . import __version__
 from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
 from .process import SandboxProcess
-from .sandbox import DEFAULT_NPROC_LIMIT, DEFAULT_STATE_DIR, DEFAULT_TMP_SIZE, SandboxSpec
+from .egress import DEFAULT_EGRESS_DENY
+from .sandbox import (
+    DEFAULT_NPROC_LIMIT,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TMP_SIZE,
+    NETWORKS,
+    SandboxSpec,
+)
 from .spawn import spawn
 
 # verb -> module with add_arguments(parser) and main(args) -> int
@@ -35,8 +42,14 @@ def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gid-map", action="append", metavar="I:O:N",
                    help="as --uid-map, for gids (/etc/subgid)")
     g = p.add_argument_group("namespaces")
-    g.add_argument("--network", choices=["host", "none"], default="host",
-                   help="none: a private network namespace with only loopback")
+    g.add_argument("--network", choices=list(NETWORKS), default="host",
+                   help="none: a private network namespace with only loopback; egress: "
+                   "outbound internet through pasta, the host, the LAN and link-local "
+                   "out of reach")
+    g.add_argument("--egress-deny", action="append", metavar="CIDR",
+                   help="with --network egress, a range the sandbox can't reach "
+                   "(repeatable; default: the private ranges; '' alone: none but the "
+                   "always denied)")
     g.add_argument("--no-init", dest="init", action="store_false",
                    help="exec the command itself as PID 1 (it must handle signals and reap "
                    "zombies itself)")
@@ -82,7 +95,9 @@ def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
     return SandboxSpec(
         user=args.user, uid_map=args.uid_map, gid_map=args.gid_map, init=args.init,
-        network=args.network, hostname=args.hostname, readonly_root=args.readonly_root,
+        network=args.network, hostname=args.hostname,
+        egress_deny=(DEFAULT_EGRESS_DENY if args.egress_deny is None
+                     else [r for r in args.egress_deny if r]), readonly_root=args.readonly_root,
         readwrite_paths=(args.readwrite_paths if args.readwrite_paths is not None
                          else ("~", "{cwd}")),
         readonly_paths=args.readonly_paths or (), hidden_paths=args.hidden_paths or (),

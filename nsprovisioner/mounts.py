@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._nsexec import lib
+from .egress import RESOLV_CONF
 from .errors import SandboxError
 from .protect import interpreter_prefix, protected_paths
 
@@ -415,8 +416,20 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
             for other, other_kind in user_paths.items())
         p.user_path(path, kind, visible_below, ours=path in added)
 
+    if spec.network == "egress":
+        _plan_resolv_conf(p)
     p.add(lib.NSX_MNT_PIVOT, NEWROOT)
     return p.ops
+
+
+def _plan_resolv_conf(p: _Planner) -> None:
+    """network = "egress": names resolve through the stack's DNS forwarder, so the
+    host's resolv.conf (or where its symlink leads) is covered by ours."""
+    target = os.path.realpath("/etc/resolv.conf")
+    if not os.path.isfile(target):
+        return  # no file to cover, and /etc is read-only: no DNS inside
+    p.mount_point(target, False)
+    p.bind(target, OLDROOT + RESOLV_CONF, MOUNT_ATTR_RDONLY, os.stat(RESOLV_CONF))
 
 
 def _hidden_interpreter(spec: SandboxSpec, argv0: str | None) -> str | None:

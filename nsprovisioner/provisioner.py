@@ -48,6 +48,7 @@ from .kernelsandbox import (
 from .mounts import PathPins
 from .process import SandboxProcess
 from .relay import OutputRelay
+from .egress import DEFAULT_EGRESS_DENY
 from .sandbox import (
     DEFAULT_NAMESPACES,
     DEFAULT_NPROC_LIMIT,
@@ -85,7 +86,12 @@ class NamespaceProvisioner(LocalProvisioner):
                 help="run the kernel under a tiny init that forwards signals and reaps "
                 "zombies; False makes the kernel itself PID 1")
     network = Unicode("host", config=True,
-                      help="'host' shares the server's network; 'none' gives only loopback")
+                      help="'host' shares the server's network; 'none' gives only loopback; "
+                      "'egress': outbound internet through pasta, without the host, its "
+                      "loopback, the LAN or link-local (cloud metadata)")
+    egress_deny = List(Unicode(), default_value=list(DEFAULT_EGRESS_DENY), config=True,
+                       help="with network 'egress': address ranges the kernel can't reach; "
+                       "[] allows the LAN (the host, loopback and link-local stay denied)")
     memory_limit = Union([Unicode(), Int()], default_value=None, allow_none=True, config=True,
                          help="memory (and swap) limit, e.g. '2G'")
     cpu_limit = Float(None, allow_none=True, config=True, help="CPU limit in cores, e.g. 1.5")

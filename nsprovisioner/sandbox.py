@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from .egress import DEFAULT_EGRESS_DENY, parse_deny
 from .errors import SandboxError
 from .idmap import IdRange, is_mapped_inside, map_inside, parse_range, validate_map
 
@@ -20,7 +21,7 @@ NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup", "net")
 REQUIRED_NAMESPACES = frozenset({"user", "pid", "mount"})
 DEFAULT_NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup")
 USERS = ("self", "root")
-NETWORKS = ("host", "none")
+NETWORKS = ("host", "none", "egress")
 SECCOMP_MODES = ("default", "off")
 DEFAULT_READWRITE = ("~", "{cwd}")
 MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -58,6 +59,9 @@ class SandboxSpec:
     init: bool = True
     network: str = "host"
     hostname: str | None = "sandbox"
+    # network = "egress": ranges the sandbox can't reach (egress.py adds the
+    # host's own addresses, loopback, link-local and multicast to them)
+    egress_deny: Sequence[str] = DEFAULT_EGRESS_DENY
     # the filesystem and privilege boundary (mounts.py, seccomp.py)
     readonly_root: bool = True
     readwrite_paths: Sequence[str] = DEFAULT_READWRITE
@@ -113,6 +117,7 @@ class SandboxSpec:
         if self.network not in NETWORKS:
             raise SandboxError(f"network {self.network!r} is not one of {', '.join(NETWORKS)}")
         self._check_namespaces()
+        object.__setattr__(self, "egress_deny", parse_deny(self.egress_deny))
         if self.hostname is not None:
             _check_hostname(self.hostname)
         uid_ranges = self._ranges(self.uid_map, "uid_map", os.getuid())
@@ -182,11 +187,11 @@ class SandboxSpec:
         missing = REQUIRED_NAMESPACES - set(names)
         if missing:
             raise SandboxError(f"namespaces must include {', '.join(sorted(missing))}")
-        if self.network == "none" and "net" not in names:
+        if self.network in ("none", "egress") and "net" not in names:
             object.__setattr__(self, "namespaces", (*names, "net"))
         elif self.network == "host" and "net" in names:
             raise SandboxError("namespaces includes 'net' but network is 'host'; "
-                               "use network = 'none' for a private network")
+                               "use network = 'none' or 'egress' for a private network")
         else:
             object.__setattr__(self, "namespaces", tuple(str(n) for n in names))
 

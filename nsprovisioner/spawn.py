@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from ._nsexec import ffi, lib
 from .cgroups import SandboxCgroup, create_cgroup
+from .egress import Egress
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, give_back_stack, run_handshake, take_stack
 from .idmap import IdRange, check_helper_map, needs_helper, write_id_maps
@@ -340,6 +341,8 @@ async def _clone_and_handshake(
         cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
         cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
         cfg.loopback_up = int("net" in spec.namespaces)
+        egress = Egress(spec.egress_deny, stack) if spec.network == "egress" else None
+        cfg.net = egress.config() if egress else ffi.NULL
         cfg.cgroup_fd = cgroup.clone_fd if cgroup is not None else -1
         cfg.uid = spec.uid
         cfg.gid = spec.gid
@@ -399,6 +402,9 @@ async def _clone_and_handshake(
         child_end.close()
         gc_end.close()
         stdio.close_child_ends()
+        if egress:
+            egress.close_child_end()
+            egress.begin()
 
         async def write_maps(child_pid: int) -> None:
             await write_id_maps(child_pid, list(spec.uid_ranges), list(spec.gid_ranges),
@@ -412,10 +418,19 @@ async def _clone_and_handshake(
             await run_handshake(hs, child, grandchild, write_maps, attach_cgroup, fault)
         except BaseException:
             hs.abort()
+            if egress:
+                egress.reraise()
             raise
         hs.release()  # the Child is reaped, the GrandChild exec'd
         proc = SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd,
                               stdin=stdio.parent_ends[0], stdout=stdio.parent_ends[1],
                               stderr=stdio.parent_ends[2], cgroup=cgroup)
+        if egress:
+            try:
+                await egress.attach(proc)
+            except BaseException:
+                proc.kill()
+                await proc.wait()
+                raise
         return proc
     raise AssertionError("unreachable")

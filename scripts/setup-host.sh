@@ -12,7 +12,7 @@ fi
 VENV=${VENV:-/opt/nsprovisioner-venv}
 
 packages=(python3 python3-venv python3-dev gcc libc6-dev uidmap libseccomp2 util-linux
-          procps passwd valgrind)
+          procps passwd valgrind passt)  # passt: pasta, the stack of network = "egress"
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

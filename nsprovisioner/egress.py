@@ -1,0 +1,263 @@
+"""network = "egress": outbound internet through pasta, the host and the LAN out of reach.
+
+The sandbox gets its own network namespace. The GrandChild adds one
+"prohibit" rule per denied range there while it still holds CAP_NET_ADMIN
+(csrc/nsnet.c) and hands the namespace to us; we attach pasta (Debian's
+`passt` package) to it. pasta turns each connection the sandbox makes into a
+socket of its own on the host, so the rules must deny everything the host
+reaches that the sandbox must not: the host's own addresses, link-local
+(cloud metadata), multicast and by default the private ranges. pasta runs
+with --no-map-gw (else the gateway address is the host's loopback) and no
+port forwarding either way (its default forwards the host's bound ports
+into the sandbox's loopback). DNS: /etc/resolv.conf inside names
+DNS_FORWARDER, which pasta answers by asking the host's resolver.
+
+pasta lives as long as the sandbox: stopped when the init is reaped, killed
+by PR_SET_PDEATHSIG (set by setpriv before pasta runs) when the server dies.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+from collections.abc import Iterable
+from contextlib import ExitStack
+from typing import TYPE_CHECKING, Any
+
+from ._nsexec import ffi
+from .errors import SandboxError
+from .handshake import readable
+
+if TYPE_CHECKING:
+    from .process import SandboxProcess
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+DEFAULT_EGRESS_DENY = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                       "fc00::/7")
+# Denied whatever egress_deny says: the host's loopback (pasta would map it
+# only through options we never give; the rule says it twice), link-local
+# (cloud metadata at 169.254.169.254, fe80::/10), "this network", multicast
+# and broadcast (LAN discovery services).
+ALWAYS_DENIED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
+                 "255.255.255.255/32", "::1/128", "fe80::/10", "ff00::/8")
+# Where the sandbox sends DNS (UDP port 53 only, exempt from the link-local
+# rule): pasta forwards it to the host's first resolver. rootless podman
+# uses the same address.
+DNS_FORWARDER = "169.254.1.1"
+RESOLV_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "egress-resolv.conf")
+READY_TIMEOUT = 10.0
+PASTA_FIX = "install passt (apt-get install passt), which provides pasta"
+
+
+def parse_deny(value: object) -> tuple[str, ...]:
+    """egress_deny: a list of CIDR ranges, each checked; normalised strings."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise SandboxError(f"egress_deny must be a list of address ranges, not {value!r}")
+    out = []
+    for item in value:
+        try:
+            out.append(str(ipaddress.ip_network(str(item), strict=True)))
+        except ValueError as e:
+            raise SandboxError(f"egress_deny entry {item!r} is not an address range ({e}); "
+                               "write it as e.g. 10.0.0.0/8 or fc00::/7") from None
+    return tuple(out)
+
+
+def host_addresses() -> list[Network]:
+    """Every address of the server's network namespace, as /32 and /128."""
+    found: set[Network] = set()
+    last = None
+    try:
+        with open("/proc/net/fib_trie") as f:
+            for line in f:
+                text = line.strip()
+                if text.startswith("|--"):
+                    last = text[3:].strip()
+                elif text.startswith("/32 host LOCAL") and last:
+                    found.add(ipaddress.ip_network(last + "/32"))
+    except OSError:
+        pass
+    try:
+        with open("/proc/net/if_inet6") as f:
+            for line in f:
+                hexaddr = line.split()[0]
+                found.add(ipaddress.ip_network(
+                    str(ipaddress.IPv6Address(bytes.fromhex(hexaddr))) + "/128"))
+    except OSError:
+        pass
+    return sorted(found, key=lambda n: (n.version, n))
+
+
+def denied_networks(egress_deny: Iterable[str]) -> list[Network]:
+    nets = {ipaddress.ip_network(n) for n in (*ALWAYS_DENIED, *egress_deny)}
+    nets.update(host_addresses())
+    return sorted(nets, key=lambda n: (n.version, n))
+
+
+def pasta_path() -> str | None:
+    return shutil.which("pasta")
+
+
+def pasta_version() -> str | None:
+    """The installed passt package's version (pasta --version says "unknown")."""
+    try:
+        with open("/var/lib/dpkg/status") as f:
+            block = f.read().split("\n\nPackage: passt\n", 1)
+    except OSError:
+        return None
+    if len(block) < 2:
+        return None
+    for line in block[1].split("\n\n", 1)[0].splitlines():
+        if line.startswith("Version: "):
+            return line.removeprefix("Version: ")
+    return None
+
+
+def _ranges(nets: list[Network], keep: list[Any]) -> Any:
+    arr = ffi.new("struct nsx_net_range[]", max(len(nets), 1))
+    for i, n in enumerate(nets):
+        arr[i].family = socket.AF_INET if n.version == 4 else socket.AF_INET6
+        arr[i].addr = list(n.network_address.packed.ljust(16, b"\0"))
+        arr[i].prefix = n.prefixlen
+    keep.append(arr)
+    return arr
+
+
+class Egress:
+    """One sandbox's egress network: its rules (for C), its pasta, and their end."""
+
+    def __init__(self, spec_deny: Iterable[str], stack: ExitStack) -> None:
+        pasta = pasta_path()
+        if pasta is None:
+            raise SandboxError("network 'egress' needs pasta, which is not installed",
+                               step="network", hint=PASTA_FIX)
+        self.pasta = pasta
+        self._keep: list[Any] = []
+        self.parent_sock, self.child_sock = socket.socketpair(socket.AF_UNIX,
+                                                              socket.SOCK_SEQPACKET)
+        self.proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stderr = b""
+        self.deny = denied_networks(spec_deny)
+        # our end and the pasta are dropped if the spawn fails; the
+        # GrandChild's end goes in any case once the clone has its copy
+        stack.callback(self.close_child_end)
+        stack.push(lambda failed, *_: self.stop() if failed else None)
+
+    def config(self) -> Any:
+        """struct nsx_net for cfg.net; kept alive by this object."""
+        net = ffi.new("struct nsx_net *")
+        net.deny = _ranges(self.deny, self._keep)
+        net.n_deny = len(self.deny)
+        net.dns = _ranges([ipaddress.ip_network(DNS_FORWARDER)], self._keep)
+        net.n_dns = 1
+        net.ns_sock = self.child_sock.fileno()
+        self._keep.append(net)
+        return net
+
+    def close_child_end(self) -> None:
+        self.child_sock.close()
+
+    def begin(self) -> None:
+        """Attach pasta as soon as the GrandChild hands its namespaces over,
+        while the rest of the sandbox is still being set up."""
+        self._task = asyncio.ensure_future(self._attach_or_abort())
+
+    async def _attach_or_abort(self) -> None:
+        try:
+            await self._attach()
+        except BaseException:
+            self.parent_sock.close()  # EOF: the GrandChild fails, the handshake ends
+            raise
+
+    async def _receive_namespaces(self) -> tuple[int, int]:
+        await readable(self.parent_sock.fileno())
+        fds = array.array("i")
+        _, anc, _, _ = self.parent_sock.recvmsg(1, socket.CMSG_LEN(2 * fds.itemsize))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+        if len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError("the sandbox did not hand over its network namespace",
+                               step="network")
+        return fds[0], fds[1]
+
+    def _argv(self, netns: int, userns: int, pid_fd: int) -> list[str]:
+        argv = [self.pasta, "--foreground", "--quiet", "--config-net", "--no-map-gw",
+                "-t", "none", "-u", "none", "-T", "none", "-U", "none",
+                "--dns-forward", DNS_FORWARDER, "--no-netns-quit",
+                "--netns", f"/proc/self/fd/{netns}", "--userns", f"/proc/self/fd/{userns}",
+                "--pid", f"/proc/self/fd/{pid_fd}"]
+        if os.geteuid() == 0:
+            # pasta drops to "nobody" by default, which clears the parent-death
+            # signal; it drops its capabilities all the same.
+            argv += ["--runas", f"{os.geteuid()}:{os.getegid()}"]
+        # PR_SET_PDEATHSIG before pasta runs; a server that died before that
+        # call is no longer our parent, and the shell then stops there.
+        return ["setpriv", "--pdeathsig", "KILL", "--", "/bin/sh", "-c",
+                'test "$PPID" = "$1" || exit 1; shift; exec "$@"', "sh", str(os.getpid()),
+                *argv]
+
+    async def _attach(self) -> None:
+        netns, userns = await self._receive_namespaces()
+        ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self._argv(netns, userns, ready_w), stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+                pass_fds=(netns, userns, ready_w), start_new_session=True)
+        finally:
+            for fd in (netns, userns, ready_w):
+                os.close(fd)
+        try:
+            # pasta writes its pid once the namespace's interface is configured
+            await asyncio.wait_for(readable(ready_r), READY_TIMEOUT)
+            pid = os.read(ready_r, 64)
+        finally:
+            os.close(ready_r)
+        if not pid:
+            assert self.proc.stderr is not None
+            err = (await self.proc.stderr.read(4096)).decode(errors="replace").strip()
+            raise SandboxError(f"pasta could not attach to the sandbox: {err or 'no output'}",
+                               step="network", hint=PASTA_FIX)
+        self.parent_sock.send(b"1")  # the GrandChild goes on
+        asyncio.ensure_future(self._drain_stderr())
+
+    async def _drain_stderr(self) -> None:
+        if self.proc is not None and self.proc.stderr is not None:
+            while chunk := await self.proc.stderr.read(4096):
+                self._stderr = (self._stderr + chunk)[-4096:]
+
+    def reraise(self) -> None:
+        """The sandbox failed: pasta's own error, when that is why."""
+        if self._task is not None and self._task.done() and not self._task.cancelled():
+            error = self._task.exception()
+            if error is not None:
+                raise error
+
+    async def attach(self, sandbox: SandboxProcess) -> None:
+        """Wait for pasta to be up; it stops when the sandbox's init is reaped."""
+        assert self._task is not None
+        await self._task
+        self.parent_sock.close()
+        sandbox.add_exit_callback(lambda _: self.stop())
+
+    def stop(self) -> None:
+        """Kill pasta (it never outlives its sandbox); safe to call twice."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        self.parent_sock.close()
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
