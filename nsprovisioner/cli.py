@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 
 from . import __version__
 from .cgroup_sweep import sweep_stale_cgroups
+from .egress import DEFAULT_EGRESS_DENY
 from .errors import SandboxError
 from .process import SandboxProcess
-from .egress import DEFAULT_EGRESS_DENY
 from .sandbox import (
     DEFAULT_NPROC_LIMIT,
     DEFAULT_STATE_DIR,

@@ -23,8 +23,8 @@ import asyncio
 import ipaddress
 import os
 import shutil
-import signal
 import socket
+import subprocess
 from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
@@ -141,9 +141,8 @@ class Egress:
         self._keep: list[Any] = []
         self.parent_sock, self.child_sock = socket.socketpair(socket.AF_UNIX,
                                                               socket.SOCK_SEQPACKET)
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
-        self._stderr = b""
         self.deny = denied_networks(spec_deny)
         # our end and the pasta are dropped if the spawn fails; the
         # GrandChild's end goes in any case once the clone has its copy
@@ -206,14 +205,20 @@ class Egress:
                 'test "$PPID" = "$1" || exit 1; shift; exec "$@"', "sh", str(os.getpid()),
                 *argv]
 
+    def _start(self, netns: int, userns: int, ready_w: int, log: int) -> subprocess.Popen[bytes]:
+        """A plain child, not an asyncio one: pasta lives as long as the kernel, across
+        the event loops a client may run it from. Forked from this thread, which the
+        parent-death signal watches."""
+        return subprocess.Popen(self._argv(netns, userns, ready_w), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=log,
+                                pass_fds=(netns, userns, ready_w), start_new_session=True)
+
     async def _attach(self) -> None:
         netns, userns = await self._receive_namespaces()
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+        log = os.memfd_create("pasta-stderr", os.MFD_CLOEXEC)
         try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self._argv(netns, userns, ready_w), stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
-                pass_fds=(netns, userns, ready_w), start_new_session=True)
+            self.proc = self._start(netns, userns, ready_w, log)
         finally:
             for fd in (netns, userns, ready_w):
                 os.close(fd)
@@ -221,20 +226,16 @@ class Egress:
             # pasta writes its pid once the namespace's interface is configured
             await asyncio.wait_for(readable(ready_r), READY_TIMEOUT)
             pid = os.read(ready_r, 64)
+            if not pid:
+                err = os.pread(log, 4096, 0).decode(errors="replace")
+                err = " ".join(line for line in err.splitlines() if "syslog" not in line)
+                raise SandboxError("pasta could not attach to the sandbox: "
+                                   f"{err.strip() or 'no output'}", step="network",
+                                   hint=PASTA_FIX)
         finally:
             os.close(ready_r)
-        if not pid:
-            assert self.proc.stderr is not None
-            err = (await self.proc.stderr.read(4096)).decode(errors="replace").strip()
-            raise SandboxError(f"pasta could not attach to the sandbox: {err or 'no output'}",
-                               step="network", hint=PASTA_FIX)
+            os.close(log)
         self.parent_sock.send(b"1")  # the GrandChild goes on
-        asyncio.ensure_future(self._drain_stderr())
-
-    async def _drain_stderr(self) -> None:
-        if self.proc is not None and self.proc.stderr is not None:
-            while chunk := await self.proc.stderr.read(4096):
-                self._stderr = (self._stderr + chunk)[-4096:]
 
     def reraise(self) -> None:
         """The sandbox failed: pasta's own error, when that is why."""
@@ -256,8 +257,6 @@ class Egress:
             self._task.cancel()
         self.parent_sock.close()
         proc, self.proc = self.proc, None
-        if proc is not None and proc.returncode is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if proc is not None:
+            proc.kill()
+            proc.wait()

@@ -25,6 +25,7 @@ from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
 from .cgroup_sweep import sweep_stale_cgroups
+from .egress import DEFAULT_EGRESS_DENY
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
 from .ipcdir import (
@@ -48,7 +49,6 @@ from .kernelsandbox import (
 from .mounts import PathPins
 from .process import SandboxProcess
 from .relay import OutputRelay
-from .egress import DEFAULT_EGRESS_DENY
 from .sandbox import (
     DEFAULT_NAMESPACES,
     DEFAULT_NPROC_LIMIT,
