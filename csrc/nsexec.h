@@ -163,7 +163,8 @@ struct nsx_net {
     const struct nsx_net_range *dns;    /* UDP port 53 to these stays allowed: the
                                          * stack's DNS forwarder */
     int n_dns;
-    int ns_sock;                        /* SOCK_SEQPACKET; receives the two fds */
+    int ns_sock;                        /* SOCK_SEQPACKET; receives the two fds;
+                                         * -1: no stack, loopback only */
 };
 
 struct nsx_fdmap {

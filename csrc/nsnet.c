@@ -179,7 +179,7 @@ long nsx_net_setup(const struct nsx_net *net)
     long rc = add_rules(net);
     char ack;
 
-    if (rc < 0)
+    if (rc < 0 || net->ns_sock < 0)  /* no stack (strict = false): loopback only */
         return rc;
     rc = send_namespaces(net->ns_sock);
     if (rc >= 0) {

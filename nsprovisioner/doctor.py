@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cgroupfs import CgroupHost
+from .egress import PASTA_FIX, pasta_path, pasta_version
 from .errors import SandboxError
 from .idmap import subordinate_ranges
 from .initexe import INIT_PATH
@@ -78,6 +79,9 @@ class HostFacts:
     libseccomp_error: str | None = None
     init_present: bool = True
     container: str | None = None
+    pasta: str | None = None            # network = "egress"'s stack, its path
+    pasta_version: str | None = None
+    egress_error: str | None = None     # None: an egress sandbox started
 
 
 @dataclass
@@ -169,6 +173,8 @@ async def _probe_namespaces(facts: HostFacts) -> None:
         spec = (SandboxSpec(namespaces=base, seccomp="off", network="none") if name == "net"
                 else SandboxSpec(namespaces=(*base, name), seccomp="off"))
         facts.namespace_errors[name] = (await _try_spawn(spec))[0]
+    if facts.pasta and not facts.userns_error:
+        facts.egress_error = (await _try_spawn(SandboxSpec(network="egress", seccomp="off")))[0]
 
 
 def _cgroup_facts() -> CgroupFacts:
@@ -215,6 +221,7 @@ def gather_facts() -> HostFacts:
     except (SandboxError, OSError) as e:
         facts.libseccomp_error = str(e)
     facts.container = _container()
+    facts.pasta, facts.pasta_version = pasta_path(), pasta_version()
     if facts.init_present and facts.pidfd:
         asyncio.run(_probe_namespaces(facts))
     else:
@@ -357,12 +364,25 @@ def check_rest(f: HostFacts) -> list[Check]:
                             blocks_kernel=True))
     else:
         checks.append(Check("libseccomp", "PASS", "default seccomp filter built"))
+    checks.append(check_egress(f))
     checks.append(Check("container", "WARN" if f.container else "PASS",
                         f"inside a {f.container} container" if f.container else "not in a container",
                         "the container needs unshare/clone/mount allowed by its seccomp and "
                         "AppArmor profiles, an unmasked /proc, and delegated cgroups "
                         "(docs/jupyterhub.md)" if f.container else ""))
     return checks
+
+
+def check_egress(f: HostFacts) -> Check:
+    """network = "egress" is optional: its absence never blocks the default kernel."""
+    if f.pasta is None:
+        return Check("egress network", "WARN", "pasta not found: network = 'egress' fails "
+                     "(strict) or gives loopback only (strict = false)", PASTA_FIX)
+    version = f"pasta {f.pasta_version or '(version unknown)'} at {f.pasta}"
+    if f.egress_error:
+        return Check("egress network", "WARN", f"{version}, but an egress sandbox failed: "
+                     f"{f.egress_error}", "see docs/troubleshooting.md")
+    return Check("egress network", "PASS", f"{version}; an egress sandbox started")
 
 
 def diagnose(facts: HostFacts) -> list[Check]:

@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import array
 import asyncio
+import functools
 import ipaddress
+import logging
 import os
 import shutil
 import socket
@@ -36,6 +38,7 @@ from .handshake import readable
 if TYPE_CHECKING:
     from .process import SandboxProcess
 
+log = logging.getLogger(__name__)
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 DEFAULT_EGRESS_DENY = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
@@ -119,6 +122,11 @@ def pasta_version() -> str | None:
     return None
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
+
+
 def _ranges(nets: list[Network], keep: list[Any]) -> Any:
     arr = ffi.new("struct nsx_net_range[]", max(len(nets), 1))
     for i, n in enumerate(nets):
@@ -132,12 +140,13 @@ def _ranges(nets: list[Network], keep: list[Any]) -> Any:
 class Egress:
     """One sandbox's egress network: its rules (for C), its pasta, and their end."""
 
-    def __init__(self, spec_deny: Iterable[str], stack: ExitStack) -> None:
-        pasta = pasta_path()
-        if pasta is None:
-            raise SandboxError("network 'egress' needs pasta, which is not installed",
-                               step="network", hint=PASTA_FIX)
-        self.pasta = pasta
+    def __init__(self, spec_deny: Iterable[str], strict: bool, stack: ExitStack) -> None:
+        self.pasta = pasta_path()
+        if self.pasta is None:
+            message = "network 'egress' needs pasta, which is not installed"
+            if strict:
+                raise SandboxError(message, step="network", hint=PASTA_FIX)
+            _warn_once(f"{message}: kernels get loopback only ({PASTA_FIX})")
         self._keep: list[Any] = []
         self.parent_sock, self.child_sock = socket.socketpair(socket.AF_UNIX,
                                                               socket.SOCK_SEQPACKET)
@@ -156,7 +165,7 @@ class Egress:
         net.n_deny = len(self.deny)
         net.dns = _ranges([ipaddress.ip_network(DNS_FORWARDER)], self._keep)
         net.n_dns = 1
-        net.ns_sock = self.child_sock.fileno()
+        net.ns_sock = self.child_sock.fileno() if self.pasta else -1
         self._keep.append(net)
         return net
 
@@ -166,7 +175,8 @@ class Egress:
     def begin(self) -> None:
         """Attach pasta as soon as the GrandChild hands its namespaces over,
         while the rest of the sandbox is still being set up."""
-        self._task = asyncio.ensure_future(self._attach_or_abort())
+        if self.pasta:
+            self._task = asyncio.ensure_future(self._attach_or_abort())
 
     async def _attach_or_abort(self) -> None:
         try:
@@ -190,6 +200,7 @@ class Egress:
         return fds[0], fds[1]
 
     def _argv(self, netns: int, userns: int, pid_fd: int) -> list[str]:
+        assert self.pasta is not None
         argv = [self.pasta, "--foreground", "--quiet", "--config-net", "--no-map-gw",
                 "-t", "none", "-u", "none", "-T", "none", "-U", "none",
                 "--dns-forward", DNS_FORWARDER, "--no-netns-quit",
@@ -246,8 +257,8 @@ class Egress:
 
     async def attach(self, sandbox: SandboxProcess) -> None:
         """Wait for pasta to be up; it stops when the sandbox's init is reaped."""
-        assert self._task is not None
-        await self._task
+        if self._task is not None:
+            await self._task
         self.parent_sock.close()
         sandbox.add_exit_callback(lambda _: self.stop())
 

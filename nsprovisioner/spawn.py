@@ -341,7 +341,7 @@ async def _clone_and_handshake(
         cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
         cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
         cfg.loopback_up = int("net" in spec.namespaces)
-        egress = Egress(spec.egress_deny, stack) if spec.network == "egress" else None
+        egress = Egress(spec.egress_deny, spec.strict, stack) if spec.network == "egress" else None
         cfg.net = egress.config() if egress else ffi.NULL
         cfg.cgroup_fd = cgroup.clone_fd if cgroup is not None else -1
         cfg.uid = spec.uid

@@ -33,6 +33,7 @@ def healthy_host(**changes: object) -> HostFacts:
         cgroup=CgroupFacts(v2_mount="/sys/fs/cgroup", v2_controllers=["cpu", "memory", "pids"],
                            v2_own_dir="/sys/fs/cgroup/user.slice/user-1000.slice/user@1000.service/app.slice",
                            v2_writable=True),
+        pasta="/usr/bin/pasta", pasta_version="0.0~git20230309.7c7625d-1",
     )
     for key, value in changes.items():
         setattr(facts, key, value)
@@ -161,3 +162,10 @@ def test_doctor_json() -> None:
     assert report["can_run_kernel"] is True
     assert report["facts"]["pidfd"] is True
     assert {c["status"] for c in report["checks"]} <= {"PASS", "WARN", "FAIL"}
+
+
+def test_missing_pasta_warns_with_the_fix_and_blocks_nothing() -> None:
+    checks = diagnose(healthy_host(pasta=None))
+    egress = by_name(checks, "egress network")
+    assert egress.status == "WARN" and "apt-get install passt" in egress.fix
+    assert can_run_kernel(checks)

@@ -62,7 +62,7 @@ def pasta_processes() -> list[int]:
 
 
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, check=False, capture_output=True)
+    subprocess.run(["ip", *args], check=True, capture_output=True)
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,8 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             server.kill()
             server.wait()
         for route in (METADATA, LAN):
-            subprocess.run(["ip", "route", "del", f"{route}/32"], check=False, capture_output=True)
+            subprocess.run(["ip", "route", "del", f"{route}/32"], check=False,
+                           capture_output=True)
         subprocess.run(["ip", "link", "del", veth], check=False, capture_output=True)
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
 
@@ -305,3 +306,11 @@ def test_egress_deny_rejects_what_is_not_a_range() -> None:
     with pytest.raises(SandboxError, match="egress_deny entry '10.0.0.1/8'"):
         SandboxSpec(network="egress", egress_deny=["10.0.0.1/8"])
     assert SandboxSpec(network="egress").egress_deny[0] == "10.0.0.0/8"
+
+
+def test_egress_without_pasta_not_strict_starts_with_loopback_only(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    code = "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
+    out = _run_capture(SandboxSpec(network="egress", strict=False), [sys.executable, "-c", code])
+    assert out.strip() == "['lo']"
