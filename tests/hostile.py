@@ -91,6 +91,7 @@ def make_host(tmp_path: Path, *, venv: bool = False) -> Host:
         Path(purelib, "_test_run_packages.pth").write_text("\n".join(site.getsitepackages()))
         write_kernelspec(prefix / "share/jupyter/kernels", SANDBOXED)
         write_kernelspec(prefix / "share/jupyter/kernels", "nonet", {"network": "none"})
+        write_kernelspec(prefix / "share/jupyter/kernels", "egress", {"network": "egress"})
         python = str(prefix / "bin/python")
         env["PATH"] = f"{prefix / 'bin'}:{env.get('PATH', os.defpath)}"
         env["VIRTUAL_ENV"] = str(prefix)
@@ -98,6 +99,7 @@ def make_host(tmp_path: Path, *, venv: bool = False) -> Host:
         share = tmp_path / "share"
         write_kernelspec(share / "kernels", SANDBOXED)
         write_kernelspec(share / "kernels", "nonet", {"network": "none"})
+        write_kernelspec(share / "kernels", "egress", {"network": "egress"})
         env["JUPYTER_PATH"] = str(share)
     return Host(home=home, outside=outside, env=env, python=python)
 

@@ -41,23 +41,27 @@ LAN = "10.254.0.1"
 HTTP_PORT = 8080
 
 
-def pasta_processes() -> list[int]:
-    """pasta (passt.*) processes whose parent is this process or one of its children."""
-    me = str(os.getpid())
+def _stat(pid: str) -> tuple[str, str] | None:
+    """(comm, ppid) of a process, or None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:].split()[1]
+
+
+def pasta_processes(parent: int | None = None) -> list[int]:
+    """pasta (passt.*) and slirp4netns processes whose parent, or parent's parent, is
+    `parent` (default: this process)."""
+    me = str(os.getpid() if parent is None else parent)
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        info = _stat(entry.name) if entry.name.isdigit() else None
+        if info is None or not info[0].startswith(("passt", "pasta", "slirp4netns")):
             continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        if comm.startswith(("passt", "pasta", "slirp4netns")):
-            ppid = stat[stat.rindex(")") + 2:].split()[1]
-            if ppid == me or (Path("/proc") / ppid / "stat").exists() and \
-                    (Path("/proc") / ppid / "stat").read_text().split()[3] == me:
-                found.append(int(entry.name))
+        grandparent = _stat(info[1])
+        if info[1] == me or (grandparent is not None and grandparent[1] == me):
+            found.append(int(entry.name))
     return found
 
 

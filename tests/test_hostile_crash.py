@@ -23,6 +23,7 @@ from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
 
 from .hostile import SANDBOXED, ServerProcess, make_host
 from .test_cgroups import HOST, groups_named
+from .test_egress import pasta_processes
 from .test_provisioner import cmdlines
 
 pytestmark = pytest.mark.timeout(60)
@@ -36,12 +37,15 @@ def wait_gone(marker: str, timeout: float = 10) -> None:
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("kernelspec", [SANDBOXED, "nonet"], ids=["host", "none"])
+@pytest.mark.parametrize("kernelspec", [SANDBOXED, "nonet", "egress"],
+                         ids=["host", "none", "egress"])
 def test_next_server_removes_a_killed_servers_kernel_files(tmp_path: Path,
                                                            kernelspec: str) -> None:
     host = make_host(tmp_path)
     with ServerProcess(host, tmp_path / "killed.log") as killed:
         started = killed.ok("start", name=kernelspec, cwd=str(host.home / "notebooks"))
+        pastas = pasta_processes(killed.proc.pid)
+        assert len(pastas) == (1 if kernelspec == "egress" else 0)
         killed.proc.send_signal(signal.SIGKILL)
         killed.proc.wait()
     connection_file = Path(started["connection_file"])
@@ -49,6 +53,10 @@ def test_next_server_removes_a_killed_servers_kernel_files(tmp_path: Path,
     socket_dir = Path(info["ip"]).parent if info["transport"] == "ipc" else None
     try:
         wait_gone(str(connection_file))
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{p}").exists() for p in pastas):  # its parent-death signal
+            assert time.monotonic() < deadline, "pasta outlived its server"
+            time.sleep(0.05)
         left = [p for p in (connection_file, socket_dir) if p is not None and p.exists()]
         assert left, "nothing was left to clean up: the test shows nothing"
         with ServerProcess(host, tmp_path / "next.log") as server:

@@ -34,12 +34,14 @@ from .conftest import run
 pytestmark = pytest.mark.timeout(120)
 
 SHIPPED_SPEC = Path(__file__).parent.parent / "share/jupyter/kernels/python3-sandboxed"
-PROVISIONERS = ["local", "namespace", "nonet"]
+PROVISIONERS = ["local", "namespace", "nonet", "egress"]
 # name -> (provisioner, its config): "nonet" is the sandbox with network "none",
-# which talks to Jupyter over ipc sockets instead of loopback tcp
+# which talks to Jupyter over ipc sockets instead of loopback tcp; "egress" the
+# one with pasta beside it (no_leaks: no pasta outlives its kernel)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "local": ("local", {}), "namespace": ("namespace", {}),
     "nonet": ("namespace", {"network": "none"}),
+    "egress": ("namespace", {"network": "egress"}),
 }
 READY_TIMEOUT = 30
 

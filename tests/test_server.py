@@ -50,6 +50,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                                                          "local-provisioner"}})
     kernelspec(kernels, "nonet", {"kernel_provisioner": {  # the ipc transport
         "provisioner_name": "namespace-provisioner", "config": {"network": "none"}}})
+    kernelspec(kernels, "egress", {"kernel_provisioner": {
+        "provisioner_name": "namespace-provisioner", "config": {"network": "egress"}}})
     kernelspec(kernels, "typo", {"kernel_provisioner": {
         "provisioner_name": "namespace-provisioner", "config": {"memroy_limit": "1G"}}})
     for sub in ("runtime", "config", "root"):
@@ -139,7 +141,7 @@ PIDNS = "import os; print(open('/proc/1/cmdline').read().split(chr(0))[0], " \
         "os.readlink('/proc/self/ns/pid'), 'JUPYTER_TOKEN' in os.environ)"
 
 
-@pytest.mark.parametrize("name", ["plain", "nonet"])
+@pytest.mark.parametrize("name", ["plain", "nonet", "egress"])
 def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str, name: str) -> None:
     status, kernel = request("POST", server + "/api/kernels", {"name": name})
     assert status == 201, kernel
@@ -179,7 +181,7 @@ def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str, name: str) -> 
     assert kid not in [k["id"] for k in request("GET", server + "/api/kernels")[1]]
 
 
-@pytest.mark.parametrize("name", ["local", "plain", "nonet"])
+@pytest.mark.parametrize("name", ["local", "plain", "nonet", "egress"])
 def test_idle_kernels_are_culled(server: str, name: str) -> None:
     status, kernel = request("POST", server + "/api/kernels", {"name": name})
     assert status == 201
