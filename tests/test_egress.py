@@ -318,3 +318,61 @@ def test_egress_without_pasta_not_strict_starts_with_loopback_only(
     code = "import socket; print(sorted(n for _, n in socket.if_nameindex()))"
     out = _run_capture(SandboxSpec(network="egress", strict=False), [sys.executable, "-c", code])
     assert out.strip() == "['lo']"
+
+
+NO_INTERNET_PROBE = r"""
+import errno, json, socket, subprocess
+def attempt(host, port):
+    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    s.settimeout(3)
+    try:
+        s.connect(socket.getaddrinfo(host, port, s.family, socket.SOCK_STREAM)[0][4])
+        return "connected"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e))
+    finally:
+        s.close()
+def resolve(name):
+    try:
+        return sorted({a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)})
+    except OSError as e:
+        return type(e).__name__
+undo = subprocess.run(["ip", "rule", "del", "pref", "11"], capture_output=True, text=True)
+print(json.dumps({
+    "host_listener": attempt("127.0.0.1", PORT),
+    "metadata": attempt("169.254.169.254", 80),
+    "link_local6": [attempt(f"fe80::1%{n}", 80) for _, n in socket.if_nameindex() if n != "lo"],
+    "lan": attempt("10.1.2.3", 80), "ula": attempt("fd12::1", 80),
+    "host_addresses": {a: attempt(a, PORT) for a in ADDRESSES},
+    "undo_rules": undo.returncode, "resolved": resolve(NAME),
+}))
+"""
+
+
+def test_egress_keeps_loopback_link_local_and_lan_out_of_reach_without_root() -> None:
+    """Root or not, no test internet needed: the denied ranges fail at once with EACCES,
+    the kernel can't remove the rules, and names resolve as they do outside."""
+    listener = socket.socket(socket.AF_INET6)
+    listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    listener.bind(("::", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    name = "pypi.org"
+    code = (NO_INTERNET_PROBE.replace("PORT", str(port)).replace("NAME", repr(name))
+            .replace("ADDRESSES", repr(host_addresses())))
+    try:
+        out = _run_capture(SandboxSpec(network="egress"), [sys.executable, "-c", code])
+    finally:
+        listener.close()
+    result = json.loads(out)
+    assert result["host_listener"] == "ECONNREFUSED"  # its own loopback, not the host's
+    assert result["metadata"] == "EACCES"
+    assert all(outcome == "EACCES" for outcome in result["link_local6"])
+    assert result["lan"] == "EACCES" and result["ula"] in ("EACCES", "ENETUNREACH")
+    for address, outcome in result["host_addresses"].items():
+        assert outcome in ("EACCES", "ECONNREFUSED"), (address, outcome)
+    assert result["undo_rules"] != 0  # no CAP_NET_ADMIN inside
+    outside = outside_resolution(name)
+    if not isinstance(outside, str):
+        assert result["resolved"] == outside
+    assert pasta_processes() == []
