@@ -1,6 +1,7 @@
 """LocalProvisioner vs namespace-provisioner, measured in one run on this machine.
 
     python benchmarks/kernels.py [--repeat 5] [--concurrent 10 50] [--json F] [--plot F.png]
+                                 [--download]
 
 Start (start_kernel until the kernel answers kernel_info), interrupt latency
 (SIGINT until a running `time.sleep` reports KeyboardInterrupt), clean
@@ -8,9 +9,13 @@ shutdown (shutdown_request until the process is reaped), and N kernels
 started at once (time until all are ready, failures). Medians; ratios are
 to local. "nonet" is the sandbox with network = "none" (ipc transport);
 "wrapped" is the sandbox with the argv this package writes into kernelspecs
-(the nsprovisioner.kernel_launcher prefix, which the provisioner strips).
-Targets: start <= 1.02x (also for nonet and wrapped), shutdown <= 1.05x,
-interrupt <= 1.1x, 50 concurrent with 0 failures.
+(the nsprovisioner.kernel_launcher prefix, which the provisioner strips);
+"egress" the sandbox with network = "egress" (pasta beside it).
+Targets: start <= 1.02x (also for nonet and wrapped; egress <= 1.05x),
+shutdown <= 1.05x, interrupt <= 1.1x, 50 concurrent with 0 failures.
+--download (root): a 100 MB HTTP download from a test "internet" namespace
+(a veth pair, 198.51.100.0/24) through egress against the same download from
+the host, as a throughput ratio.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "namespace": ("namespace", {}),
     "nonet": ("namespace", {"network": "none"}),
     "wrapped": ("namespace", {}),
+    "egress": ("namespace", {"network": "egress"}),
 }
 PROVISIONERS = tuple(VARIANTS)
 # kernelspecs whose argv has the launcher prefix, as shipped and installed
@@ -105,6 +111,74 @@ async def many_kernels(ksm: KernelSpecManager, name: str, count: int) -> tuple[f
     await mkm.shutdown_all(now=True)
     mkm.context.destroy()
     return elapsed, failures
+
+
+DOWNLOAD = r"""
+import sys, time, urllib.request
+begin = time.perf_counter()
+with urllib.request.urlopen(sys.argv[1], timeout=60) as r:
+    size = 0
+    while chunk := r.read(1 << 20):
+        size += len(chunk)
+print(size, time.perf_counter() - begin)
+"""
+DOWNLOAD_SIZE = 100 * 10**6
+
+
+def download_ratio(repeat: int) -> dict[str, float]:
+    """MB/s of a 100 MB download from the test's internet host, from the host and
+    through egress; medians of `repeat`."""
+    import os
+    import subprocess
+
+    from nsprovisioner import SandboxSpec
+    from nsprovisioner.spawn import PIPE, spawn
+
+    name, veth = f"nsp-bench-{os.getpid()}", f"nspb{os.getpid() % 100000}"
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    async def through_egress(url: str) -> float:
+        proc = await spawn(SandboxSpec(network="egress"), [sys.executable, "-c", DOWNLOAD, url],
+                           stdout=PIPE)
+        assert proc.stdout is not None
+        out = await asyncio.get_running_loop().run_in_executor(None, proc.stdout.read)
+        await proc.wait()
+        proc.close_pipes()
+        return float(out.split()[1])
+
+    with tempfile.TemporaryDirectory() as www:
+        with open(os.path.join(www, "big.bin"), "wb") as f:
+            f.write(os.urandom(10**6) * (DOWNLOAD_SIZE // 10**6))
+        ip("netns", "add", name)
+        server = None
+        try:
+            ip("link", "add", veth, "type", "veth", "peer", "name", "inet0", "netns", name)
+            ip("addr", "add", "198.51.100.1/24", "dev", veth)
+            ip("link", "set", veth, "up")
+            ip("-n", name, "addr", "add", "198.51.100.2/24", "dev", "inet0")
+            ip("-n", name, "link", "set", "inet0", "up")
+            server = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-m",
+                                       "http.server", "--bind", "198.51.100.2", "--directory",
+                                       www, "8080"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL)
+            time.sleep(1)
+            url = "http://198.51.100.2:8080/big.bin"
+            host, egress = [], []
+            for _ in range(repeat):
+                out = subprocess.run([sys.executable, "-c", DOWNLOAD, url], check=True,
+                                     capture_output=True, text=True).stdout
+                host.append(DOWNLOAD_SIZE / float(out.split()[1]) / 1e6)
+                egress.append(DOWNLOAD_SIZE / asyncio.run(through_egress(url)) / 1e6)
+        finally:
+            if server is not None:
+                server.kill()
+                server.wait()
+            subprocess.run(["ip", "link", "del", veth], check=False, capture_output=True)
+            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
+    return {"host MB/s": statistics.median(host), "egress MB/s": statistics.median(egress),
+            "egress/host": statistics.median(egress) / statistics.median(host)}
 
 
 async def main(repeat: int, concurrent: list[int], json_out: Path | None,
@@ -179,5 +253,11 @@ if __name__ == "__main__":
     parser.add_argument("--concurrent", type=int, nargs="*", default=[10, 50])
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--plot", type=Path, help="write a PNG of the ratios (needs matplotlib)")
+    parser.add_argument("--download", action="store_true",
+                        help="only the egress download throughput (root: builds a test network)")
     args = parser.parse_args()
-    asyncio.run(main(args.repeat, args.concurrent, args.json, args.plot))
+    if args.download:
+        for key, value in download_ratio(args.repeat).items():
+            print(f"{key}: {value:.2f}")
+    else:
+        asyncio.run(main(args.repeat, args.concurrent, args.json, args.plot))

@@ -14,10 +14,10 @@
  * Then the GrandChild sends its network and user namespaces to the Parent
  * (SCM_RIGHTS): opening /proc/<pid>/ns/... from outside needs ptrace access,
  * which a non-dumpable sandbox refuses to an unprivileged server. It waits
- * for the Parent's one-byte answer that pasta is up: pasta makes namespaces
- * of its own inside our user namespace, which the user counters written
- * later (max_*_namespaces = 0) would refuse, and the command starts with its
- * network in place. EOF: the Parent gave up.
+ * for the Parent's one-byte answer that pasta is up: pasta joins our user
+ * namespace and makes a mount, uts and ipc namespace of its own there, which
+ * the user counters written later (max_*_namespaces = 0) would refuse; and
+ * the command starts with its network in place. EOF: the Parent gave up.
  *
  * Raw syscalls only, as everywhere in the stages (see nsexec.c).
  */

@@ -246,7 +246,28 @@ class Egress:
         finally:
             os.close(ready_r)
             os.close(log)
+        await self._isolated(self.proc.pid)
         self.parent_sock.send(b"1")  # the GrandChild goes on
+
+    async def _isolated(self, pid: int) -> None:
+        """Wait until pasta has made its own mount, uts and ipc namespaces (right after
+        writing its pid) inside the sandbox's user namespace, where the counters the
+        GrandChild writes next forbid them. pasta makes itself non-dumpable after
+        that, which hides its namespaces from an unprivileged server: that too means
+        it is done."""
+        ours = os.readlink("/proc/self/ns/mnt")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        while loop.time() < deadline:
+            try:
+                if os.readlink(f"/proc/{pid}/ns/mnt") != ours:
+                    return
+            except PermissionError:
+                return
+            except FileNotFoundError:
+                break
+            await asyncio.sleep(0.001)
+        raise SandboxError("pasta did not isolate itself", step="network", hint=PASTA_FIX)
 
     def reraise(self) -> None:
         """The sandbox failed: pasta's own error, when that is why."""
