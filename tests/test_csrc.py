@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-STAGE_SOURCES = ("nsexec.c", "nsmount.c", "nsxsys.c")
+STAGE_SOURCES = ("nsexec.c", "nsmount.c", "nsnet.c", "nsxsys.c")
 PURE = {"memset", "memcpy", "memmove", "strlen", "__stack_chk_fail", "__memcpy_chk",
         "__memset_chk", "_GLOBAL_OFFSET_TABLE_"}
-OWN = {"nsx_clone3", "nsx_exit", "nsx_run_mount_op", "nsx_mount_op_name"}
+OWN = {"nsx_clone3", "nsx_exit", "nsx_run_mount_op", "nsx_mount_op_name", "nsx_net_setup"}
 
 
 def undefined_symbols(source: Path, opt: str, tmp_path: Path) -> set[str]:
