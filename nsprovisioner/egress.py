@@ -185,7 +185,9 @@ class Egress:
             self.parent_sock.close()  # EOF: the GrandChild fails, the handshake ends
             raise
 
-    async def _receive_namespaces(self) -> tuple[int, int]:
+    async def _receive_namespaces(self) -> tuple[int, int] | None:
+        """The GrandChild's network and user namespaces; None when it failed before
+        sending them (its own error record says why)."""
         await readable(self.parent_sock.fileno())
         fds = array.array("i")
         _, anc, _, _ = self.parent_sock.recvmsg(1, socket.CMSG_LEN(2 * fds.itemsize))
@@ -195,8 +197,7 @@ class Egress:
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            raise SandboxError("the sandbox did not hand over its network namespace",
-                               step="network")
+            return None
         return fds[0], fds[1]
 
     def _argv(self, netns: int, userns: int, pid_fd: int) -> list[str]:
@@ -212,7 +213,8 @@ class Egress:
             argv += ["--runas", f"{os.geteuid()}:{os.getegid()}"]
         # PR_SET_PDEATHSIG before pasta runs; a server that died before that
         # call is no longer our parent, and the shell then stops there.
-        return ["setpriv", "--pdeathsig", "KILL", "--", "/bin/sh", "-c",
+        return [shutil.which("setpriv") or "/usr/bin/setpriv", "--pdeathsig", "KILL", "--",
+                "/bin/sh", "-c",
                 'test "$PPID" = "$1" || exit 1; shift; exec "$@"', "sh", str(os.getpid()),
                 *argv]
 
@@ -225,7 +227,10 @@ class Egress:
                                 pass_fds=(netns, userns, ready_w), start_new_session=True)
 
     async def _attach(self) -> None:
-        netns, userns = await self._receive_namespaces()
+        namespaces = await self._receive_namespaces()
+        if namespaces is None:
+            return
+        netns, userns = namespaces
         ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
         log = os.memfd_create("pasta-stderr", os.MFD_CLOEXEC)
         try:
@@ -280,6 +285,9 @@ class Egress:
         """Wait for pasta to be up; it stops when the sandbox's init is reaped."""
         if self._task is not None:
             await self._task
+            if self.proc is None:
+                raise SandboxError("the sandbox did not hand over its network namespace",
+                                   step="network")
         self.parent_sock.close()
         sandbox.add_exit_callback(lambda _: self.stop())
 

@@ -376,3 +376,15 @@ def test_egress_keeps_loopback_link_local_and_lan_out_of_reach_without_root() ->
     if not isinstance(outside, str):
         assert result["resolved"] == outside
     assert pasta_processes() == []
+
+
+def test_a_pasta_that_fails_is_named_and_nothing_is_left(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "pasta"
+    fake.write_text("#!/bin/sh\necho 'Failed to open tap device: boom' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:/usr/bin:/bin")
+    with pytest.raises(SandboxError, match="pasta could not attach to the sandbox: "
+                                           "Failed to open tap device: boom"):
+        _run_capture(SandboxSpec(network="egress"), ["/bin/true"])
+    assert pasta_processes() == []
