@@ -19,11 +19,14 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
     '#include "nsexec.h"',
-    sources=[str(CSRC / name) for name in ("nsclone.c", "nsexec.c", "nsmount.c", "nsxsys.c")],
+    # only the clone that starts the helper: the helper itself is a program
+    # (setup.py builds it)
+    sources=[str(CSRC / "nsclone.c")],
     include_dirs=[str(CSRC)],
-    extra_compile_args=["-Wall", "-Wextra", "-Werror", "-std=gnu11"],
-    # Every symbol bound at load: the clone stages share the server's memory
-    # and must never enter the dynamic linker's lazy binding.
+    # warnings, not errors: CI adds -Werror through CFLAGS (scripts/test-all.sh)
+    extra_compile_args=["-Wall", "-Wextra", "-std=gnu11"],
+    # every symbol bound at load: the clone must not enter the dynamic
+    # linker's lazy binding on the server's memory
     extra_link_args=["-Wl,-z,now"],
 )
 
