@@ -115,13 +115,13 @@ static long exhaust_memory(void)
  */
 long nsx_checked(const struct nsx_plan *plan, int step, long rc)
 {
-    int *volatile nowhere = NULL;
+    volatile uintptr_t nowhere = 0;  /* opaque to the compiler: a real fault */
 
     if (plan == NULL || rc < 0 || plan->fault_step != step)
         return rc;
     switch (plan->fault_kind) {
     case NSX_FAULT_SEGV:
-        *nowhere = 1;
+        *(volatile int *)nowhere = 1;
         break;
     case NSX_FAULT_ABRT:
         abort();

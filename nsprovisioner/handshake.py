@@ -388,3 +388,27 @@ async def _drive(
     if msg_or_eof is not None:
         raise SandboxError(f"unexpected {SYNC_NAMES.get(msg_or_eof.type)} after exec",
                            step="exec")
+    # EOF also when the init dies (a crash, the OOM killer) before the
+    # command is exec'd: no record then, but a signal in its exit status.
+    if _exiting(hs.grandchild_pid):
+        await readable(hs.grandchild_pidfd)
+        status = os.waitid(os.P_PIDFD, hs.grandchild_pidfd,  # noqa: ASYNC222 - it has exited
+                           os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if status is not None and status.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            raise SandboxError(f"the sandbox's init was killed by "
+                               f"{signal.Signals(status.si_status).name} as it started the "
+                               "command", step="init_setup")
+
+
+PF_EXITING = 0x4
+
+
+def _exiting(pid: int) -> bool:
+    """Whether `pid` is on its way out. Linux sets PF_EXITING before it closes
+    a dying process's fds, so a peer that sees EOF can tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)
