@@ -8,6 +8,10 @@
  * in its own memory.
  */
 #define _GNU_SOURCE
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "nsprovisioner starts its helper through a clone3 trampoline written for x86_64 and aarch64 only (csrc/nsclone.c, nsx_vfork3); port it to this architecture"
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/sched.h>
@@ -19,10 +23,6 @@
 #include <unistd.h>
 
 #include "nsexec.h"
-
-#if !defined(__x86_64__) && !defined(__aarch64__)
-#error "nsprovisioner starts its helper through a clone3 trampoline written for x86_64 and aarch64 only (csrc/nsclone.c, nsx_vfork3); port it to this architecture"
-#endif
 
 /* The clone's stack, inside nsx_start_helper's frame: the thread that owns
  * that frame is stopped until the clone has exec'd (CLONE_VFORK). */

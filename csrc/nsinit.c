@@ -11,6 +11,10 @@
  *   nsinit -- COMMAND [ARG]...               only the init, without a sandbox
  */
 #define _GNU_SOURCE
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "nsinit is built and tested for x86_64 and aarch64 only; the Parent's clone trampoline (csrc/nsclone.c) must be ported first"
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -23,10 +27,6 @@
 #include <unistd.h>
 
 #include "nsstage.h"
-
-#if !defined(__x86_64__) && !defined(__aarch64__)
-#error "nsinit is built and tested for x86_64 and aarch64 only; the Parent's clone trampoline (csrc/nsclone.c) must be ported first"
-#endif
 
 static const int forwarded_signals[] = {
     SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2,
