@@ -75,6 +75,8 @@ enum nsx_step {
     NSX_STEP_SECCOMP = 31,
     NSX_STEP_SEND_GRANDCHILD_READY = 32,
     NSX_STEP_EXEC = 33,
+    NSX_STEP_USER_COUNTERS = 35,
+    NSX_STEP_RLIMITS = 36,
     /* the init (stage 3) */
     NSX_STEP_INIT_SETUP = 40,      /* name, signals */
     NSX_STEP_INIT_FORK = 41,
@@ -121,6 +123,8 @@ enum nsx_mount_op {
 /* nsx_mount.flags */
 #define NSX_MNT_OPTIONAL 1   /* ENOENT on the target is not an error */
 #define NSX_MNT_RECURSIVE 2  /* NSX_MNT_SETATTR applies to every submount */
+#define NSX_MNT_REACHABLE 4  /* EACCES is not an error: a path the sandbox can't
+                              * reach needs no protection */
 
 /*
  * The plan: one struct nsx_plan, then the data its offsets point into, sent
@@ -132,6 +136,7 @@ enum nsx_mount_op {
  */
 #define NSX_PLAN_MAX 131072
 #define NSX_MAX_FDS 64
+#define NSX_MAX_COUNTERS 16
 
 struct nsx_mount {
     int32_t op;              /* enum nsx_mount_op */
@@ -141,6 +146,26 @@ struct nsx_mount {
     uint32_t fstype;
     uint32_t data;
     uint64_t mountflags;
+    /* NSX_MNT_BIND: the source's identity when Python checked it (st_dev,
+     * st_ino); a source that is now another file fails with ESTALE. 0, 0:
+     * not checked. */
+    uint64_t source_dev;
+    uint64_t source_ino;
+};
+
+/* A resource limit the command starts with (setrlimit: soft and hard). */
+struct nsx_rlimit {
+    int32_t resource;
+    int32_t pad;
+    uint64_t soft;
+    uint64_t hard;
+};
+
+/* A write to /proc/sys/user/<name> in the sandbox's own user namespace:
+ * its per-namespace share of the per-user counters (inotify, namespaces). */
+struct nsx_counter {
+    uint32_t path;           /* offset of "/proc/sys/user/<name>" */
+    uint32_t value;          /* offset of the decimal value */
 };
 
 struct nsx_fdmap {
@@ -172,6 +197,11 @@ struct nsx_plan {
                               * command; 0: it execs the command as PID 1 */
     uint32_t seccomp;        /* struct sock_filter[seccomp_len], or 0 */
     int32_t seccomp_len;
+
+    uint32_t user_counters;  /* struct nsx_counter[n_user_counters] */
+    int32_t n_user_counters;
+    uint32_t rlimits;        /* struct nsx_rlimit[n_rlimits] */
+    int32_t n_rlimits;
 
     int32_t fault_step;      /* enum nsx_step, tests only */
     int32_t fault_kind;      /* enum nsx_fault */

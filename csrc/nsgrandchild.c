@@ -20,6 +20,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -101,6 +102,64 @@ static long loopback_up(void)
     return rc;
 }
 
+/*
+ * The sandbox's share of its user's per-user counters. Linux counts inotify
+ * instances and watches (and namespaces) per user in every user namespace up
+ * the chain, so a limit written here, in our own namespace while we hold
+ * CAP_SYS_RESOURCE in it, caps this sandbox below what the server's user
+ * has in total. The files are opened before the mount table (which makes
+ * /proc/sys read-only) and written after it (whose open_tree() calls each
+ * make a mount namespace of their own, which max_mnt_namespaces = 0 forbids).
+ */
+static long open_user_counters(const struct nsx_plan *plan, int *fds, const char **failed)
+{
+    const struct nsx_counter *c =
+        (const struct nsx_counter *)((const char *)plan + plan->user_counters);
+    int i;
+
+    for (i = 0; i < plan->n_user_counters; i++) {
+        *failed = nsx_plan_str(plan, c[i].path);
+        if ((fds[i] = open(*failed, O_WRONLY | O_CLOEXEC)) < 0)
+            return -errno;
+    }
+    return 0;
+}
+
+static long write_user_counters(const struct nsx_plan *plan, int *fds, const char **failed)
+{
+    const struct nsx_counter *c =
+        (const struct nsx_counter *)((const char *)plan + plan->user_counters);
+    long rc = 0;
+    int i;
+
+    for (i = 0; i < plan->n_user_counters; i++) {
+        const char *value = nsx_plan_str(plan, c[i].value);
+
+        if (rc >= 0) {
+            *failed = nsx_plan_str(plan, c[i].path);
+            rc = nsx_rc(write(fds[i], value, strlen(value)));
+        }
+        close(fds[i]);
+    }
+    return rc < 0 ? rc : 0;
+}
+
+static long set_rlimits(const struct nsx_plan *plan)
+{
+    const struct nsx_rlimit *r =
+        (const struct nsx_rlimit *)((const char *)plan + plan->rlimits);
+    struct rlimit lim;
+    int i;
+
+    for (i = 0; i < plan->n_rlimits; i++) {
+        lim.rlim_cur = r[i].soft;
+        lim.rlim_max = r[i].hard;
+        if (setrlimit(r[i].resource, &lim) < 0)
+            return -errno;
+    }
+    return 0;
+}
+
 static void run_mount_table(const struct nsx_plan *plan, int fd)
 {
     const struct nsx_mount *mounts =
@@ -114,7 +173,8 @@ static void run_mount_table(const struct nsx_plan *plan, int fd)
         const char *source = nsx_plan_str(plan, m->source);
 
         rc = nsx_checked(plan, NSX_STEP_MOUNT, nsx_run_mount_op(plan, m));
-        if (rc >= 0 || ((m->flags & NSX_MNT_OPTIONAL) && rc == -ENOENT))
+        if (rc >= 0 || ((m->flags & NSX_MNT_OPTIONAL) && rc == -ENOENT) ||
+            ((m->flags & NSX_MNT_REACHABLE) && rc == -EACCES))
             continue;
         if (m->op == NSX_MNT_MOUNT || m->op == NSX_MNT_SYMLINK || m->op == NSX_MNT_BIND)
             snprintf(what, sizeof(what), "%s %s on", nsx_mount_op_name(m->op),
@@ -200,6 +260,8 @@ _Noreturn void nsx_run_grandchild(struct nsx_start *start)
     const struct nsx_plan *plan = start->plan;
     const char *hostname = nsx_plan_str(plan, plan->hostname);
     const char *cwd = nsx_plan_str(plan, plan->cwd);
+    int counter_fds[NSX_MAX_COUNTERS];
+    const char *counter = NULL;
     long rc;
 
     rc = nsx_checked(plan, NSX_STEP_WAIT_GRANDCHILD,
@@ -221,7 +283,11 @@ _Noreturn void nsx_run_grandchild(struct nsx_start *start)
              "unshare(CLONE_NEWCGROUP)", NULL);
     if (plan->loopback_up)
         STEP(NSX_STEP_LOOPBACK, loopback_up(), "bring up the loopback interface", NULL);
+    STEP(NSX_STEP_USER_COUNTERS, open_user_counters(plan, counter_fds, &counter), "open",
+         counter);
     run_mount_table(plan, start->sync_fd);
+    STEP(NSX_STEP_USER_COUNTERS, write_user_counters(plan, counter_fds, &counter), "write",
+         counter);
     if (hostname)
         STEP(NSX_STEP_HOSTNAME, nsx_rc(sethostname(hostname, strlen(hostname))),
              "sethostname", hostname);
@@ -229,6 +295,7 @@ _Noreturn void nsx_run_grandchild(struct nsx_start *start)
         STEP(NSX_STEP_CHDIR, nsx_rc(chdir(cwd)), "chdir to", cwd);
     STEP(NSX_STEP_FDS, setup_fds(start), "set up fds", NULL);
     STEP(NSX_STEP_FDS, reset_signals(), "reset signal handlers", NULL);
+    STEP(NSX_STEP_RLIMITS, set_rlimits(plan), "setrlimit", NULL);
     STEP(NSX_STEP_NO_NEW_PRIVS, nsx_rc(prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)),
          "prctl(PR_SET_NO_NEW_PRIVS)", NULL);
     STEP(NSX_STEP_DROP_CAPS, drop_caps(), "drop capabilities", NULL);

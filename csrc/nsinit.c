@@ -170,6 +170,12 @@ _Noreturn void nsx_become_init(char **argv, int sync_fd, const struct nsx_plan *
     long rc;
 
     prctl(PR_SET_NAME, "nsinit", 0, 0, 0);
+    /* The command runs as our uid: without this it could ptrace us, stop us
+     * (and with us every signal Jupyter sends) or read our memory. */
+    rc = nsx_checked(plan, NSX_STEP_INIT_SETUP, nsx_rc(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)));
+    if (rc < 0)
+        nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_SETUP, rc, "prctl(PR_SET_DUMPABLE)",
+                 NULL, 0);
     rc = nsx_checked(plan, NSX_STEP_INIT_SETUP, block_waited(&waited));
     if (rc < 0)
         nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_SETUP, rc, "block signals", NULL, 0);

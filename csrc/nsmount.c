@@ -60,6 +60,21 @@ static long open_path_nofollow(const char *path)
 }
 
 /*
+ * Python stat'ed the source when it planned the bind; a path that names
+ * another file now (a component renamed and recreated since) must not be
+ * bound in its place.
+ */
+static long check_identity(int fd, const struct nsx_mount *m)
+{
+    struct stat st;
+
+    if (fstat(fd, &st) < 0)
+        return -errno;
+    return (uint64_t)st.st_dev == m->source_dev && (uint64_t)st.st_ino == m->source_ino
+           ? 0 : -ESTALE;
+}
+
+/*
  * The binds of configured paths. Python resolved them to real paths, but a
  * process in another sandbox that can write a parent directory could swap
  * in a symlink since then: both ends are opened refusing symlinks (ELOOP
@@ -73,7 +88,9 @@ static long bind_nofollow(const char *source, const char *target, const struct n
     long src, dst = -1, tree = -1, rc;
 
     rc = src = open_path_nofollow(source);
-    if (src >= 0)
+    if (src >= 0 && m->source_ino)
+        rc = check_identity((int)src, m);
+    if (rc >= 0)
         rc = dst = open_path_nofollow(target);
     if (dst >= 0)
         rc = tree = nsx_rc(syscall(SYS_open_tree, src, "", OPEN_TREE_CLONE | OPEN_TREE_CLOEXEC |

@@ -151,6 +151,7 @@ static long check_plan(const struct nsx_plan *plan, size_t n, int n_fds)
 {
     const struct nsx_mount *m;
     const struct nsx_fdmap *f;
+    const struct nsx_counter *c;
     int i;
 
     if (n < sizeof(*plan) || plan->size != n || ((const char *)plan)[n - 1] != '\0')
@@ -164,8 +165,22 @@ static long check_plan(const struct nsx_plan *plan, size_t n, int n_fds)
         (plan->seccomp && !in_plan(plan, plan->seccomp, 8 * (uint64_t)plan->seccomp_len)) ||
         !valid_string(plan, plan->hostname) || !valid_string(plan, plan->cwd))
         return -EPROTO;
-    if ((plan->mounts % 8) || (plan->fds % 4) || (plan->seccomp % 8))
+    if (plan->n_user_counters < 0 || plan->n_user_counters > NSX_MAX_COUNTERS ||
+        plan->n_rlimits < 0 ||
+        (plan->n_user_counters &&
+         !in_plan(plan, plan->user_counters,
+                  sizeof(*c) * (uint64_t)plan->n_user_counters)) ||
+        (plan->n_rlimits &&
+         !in_plan(plan, plan->rlimits, sizeof(struct nsx_rlimit) * (uint64_t)plan->n_rlimits)))
         return -EPROTO;
+    if ((plan->mounts % 8) || (plan->fds % 4) || (plan->seccomp % 8) ||
+        (plan->user_counters % 4) || (plan->rlimits % 8))
+        return -EPROTO;
+    c = (const struct nsx_counter *)((const char *)plan + plan->user_counters);
+    for (i = 0; i < plan->n_user_counters; i++)
+        if (!c[i].path || !valid_string(plan, c[i].path) || !c[i].value ||
+            !valid_string(plan, c[i].value))
+            return -EPROTO;
     m = (const struct nsx_mount *)((const char *)plan + plan->mounts);
     for (i = 0; i < plan->n_mounts; i++)
         if (!valid_string(plan, m[i].source) || !valid_string(plan, m[i].target) ||

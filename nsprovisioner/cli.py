@@ -11,6 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from . import __version__
+from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
 from .sandbox import SandboxSpec
 from .spawn import spawn
@@ -79,6 +80,10 @@ def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
 
 async def run_command(spec: SandboxSpec, command: list[str], cwd: str | None) -> int:
     """Run the command with our stdio; forward the usual signals; its exit status."""
+    try:  # what an earlier run left when it was SIGKILLed
+        sweep_stale_cgroups(spec.cgroup_parent)
+    except OSError as e:
+        print(f"nsprovisioner: could not sweep stale sandbox cgroups: {e}", file=sys.stderr)
     proc = await spawn(spec, command, cwd=cwd)
     loop = asyncio.get_running_loop()
     forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,

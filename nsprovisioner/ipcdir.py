@@ -1,20 +1,30 @@
-"""network = "none": the per-kernel directory of the kernel's ipc sockets.
+"""The per-kernel directory of a sandboxed kernel's ipc sockets.
 
-A kernel in its own network namespace can't reach Jupyter over loopback TCP,
-so its manager switches to zmq's ipc transport: Unix sockets in a directory
-that is bind-mounted at the same path inside the sandbox. Every kernel's
-directory lives under one parent that all sandboxes get hidden, so a kernel
-sees its own sockets and no other kernel's (connect() works through a
-read-only mount, so visibility is what matters).
+Every sandboxed kernel talks to Jupyter over zmq's ipc transport: Unix
+sockets in a directory that is bind-mounted at the same path inside the
+sandbox. Loopback TCP can't cross into a private network namespace, and
+with the host's network any local process (another kernel, another user)
+could subscribe to a kernel's iopub on its port: messages are signed, not
+encrypted. Every kernel's directory lives under one 0700 parent that all
+sandboxes get hidden, so a kernel sees its own sockets and no other kernel's
+(connect() works through a read-only mount, so visibility is what matters).
+
+Below the parent, each server has a directory named after its pid and start
+time, holding its kernels' socket directories and a record of each kernel's
+connection file. A server that starts removes what servers that died left
+there: their sockets, and their kernels' connection files (with the keys).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
+import stat
 import tempfile
 
+from .cgroupfs import pid_namespace_id, process_start_time
 from .errors import SandboxError
 from .sandbox import SandboxSpec
 
@@ -46,15 +56,31 @@ def sockets_parent() -> str:
     return parent
 
 
+SERVER_DIR_RE = re.compile(r"server-(\d+)-(\d+)-(\d+)")
+RECORD_SUFFIX = ".connection-file"
+
+
+def server_dir() -> str:
+    """This process's directory below sockets_parent(), made if missing."""
+    pid = os.getpid()
+    started = process_start_time(pid)
+    path = os.path.join(sockets_parent(), f"server-{pid}-{started}-{pid_namespace_id()}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    return path
+
+
 def make_socket_dir(kernel_id: str) -> str:
     """A new 0700 directory for one kernel's sockets; SandboxError if paths get too long."""
-    parent = sockets_parent()
+    parent = server_dir()
     directory = tempfile.mkdtemp(prefix=f"{kernel_id[:8]}-", dir=parent)
     endpoint = os.path.join(directory, "k")
     if len(endpoint) + PORT_SUFFIX > MAX_SOCKET_PATH:
         shutil.rmtree(directory, ignore_errors=True)
         raise SandboxError(
-            f"network 'none' needs ipc socket paths of at most {MAX_SOCKET_PATH} bytes, but "
+            f"a sandboxed kernel needs ipc socket paths of at most {MAX_SOCKET_PATH} bytes, but "
             f"{endpoint}-N is longer (a zmq limit)",
             hint="set XDG_RUNTIME_DIR or TMPDIR to a shorter directory, e.g. /tmp")
     return directory
@@ -67,7 +93,7 @@ def endpoint(directory: str) -> str:
 
 def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
     """`spec` with every kernel's socket directory hidden except `directory`, writable."""
-    parent = os.path.dirname(directory)
+    parent = os.path.dirname(os.path.dirname(directory))  # sockets_parent()
     hidden = [*spec.hidden_paths] + ([] if parent in spec.hidden_paths else [parent])
     return dataclasses.replace(spec, hidden_paths=hidden,
                                readwrite_paths=[*spec.readwrite_paths, directory])
@@ -75,3 +101,59 @@ def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
 
 def remove_socket_dir(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
+    try:
+        os.unlink(directory + RECORD_SUFFIX)
+    except FileNotFoundError:
+        pass
+
+
+def record_connection_file(directory: str, connection_file: str) -> None:
+    """Note the connection file of the kernel whose sockets are in `directory`, beside
+    it (where the kernel can't write: only its own directory is visible inside)."""
+    with open(directory + RECORD_SUFFIX, "w") as f:
+        f.write(os.path.abspath(connection_file))
+
+
+def _remove_connection_file(path: str, runtime_dir: str) -> bool:
+    """Only a kernel connection file in Jupyter's runtime dir, whatever a record says."""
+    name = os.path.basename(path)
+    if (os.path.realpath(os.path.dirname(path)) != runtime_dir
+            or not (name.startswith("kernel-") and name.endswith(".json"))):
+        return False
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            return False
+        os.unlink(path)
+        return True
+    except OSError:
+        return False
+
+
+def sweep_dead_servers(runtime_dir: str) -> list[str]:
+    """Remove the socket directories and kernel connection files of this user's servers
+    that died (pid gone or reused); the paths removed. Servers of another pid
+    namespace are left alone: their pids mean nothing here."""
+    parent = sockets_parent()
+    runtime = os.path.realpath(runtime_dir)
+    removed: list[str] = []
+    pidns = pid_namespace_id()
+    for entry in os.listdir(parent):
+        m = SERVER_DIR_RE.fullmatch(entry)
+        if not m or int(m[3]) != pidns:
+            continue
+        if process_start_time(int(m[1])) == int(m[2]):
+            continue  # alive
+        directory = os.path.join(parent, entry)
+        for name in os.listdir(directory):
+            if name.endswith(RECORD_SUFFIX):
+                try:
+                    with open(os.path.join(directory, name)) as f:
+                        recorded = f.read().strip()
+                except OSError:
+                    continue
+                if _remove_connection_file(recorded, runtime):
+                    removed.append(recorded)
+        shutil.rmtree(directory, ignore_errors=True)
+        removed.append(directory)
+    return removed

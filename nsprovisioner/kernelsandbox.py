@@ -15,7 +15,7 @@ import difflib
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
@@ -23,9 +23,7 @@ from .errors import SandboxError
 from .sandbox import SandboxSpec
 
 # Every option but env_keep is a SandboxSpec field of the same name.
-SPEC_KEYS = ("user", "uid_map", "gid_map", "namespaces", "init", "network", "memory_limit",
-             "cpu_limit", "pids_limit", "readonly_root", "readwrite_paths", "readonly_paths",
-             "hidden_paths", "private_tmp", "hostname", "seccomp", "strict", "cgroup_parent")
+SPEC_KEYS = tuple(f.name for f in fields(SandboxSpec) if f.init)
 CONFIG_KEYS = (*SPEC_KEYS, "env_keep")
 
 # What a kernel needs to behave like one started from a login shell, and

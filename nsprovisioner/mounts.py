@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ._nsexec import lib
 from .errors import SandboxError
+from .protect import protected_paths
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -56,9 +57,18 @@ PROC_READONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
 # the sandbox mounts its own instances here; binding host paths in makes no sense
 OWN_TREES = ("/proc", "/dev")
 
-KINDS = ("readwrite", "readonly", "hidden")  # least to most restrictive
+# least to most restrictive. "protected" is read-only and, unlike "readonly",
+# also wins over a writable path *below* it (protect.py says why). "pin"
+# binds a directory onto itself, writable as before: a mount point can't be
+# renamed, so an ancestor of a protected or hidden path can't be moved away
+# with the protection and replaced by an unprotected copy.
+KINDS = ("readwrite", "pin", "readonly", "protected", "hidden")
 PATH_KEYS = {"readwrite": "readwrite_paths", "readonly": "readonly_paths",
              "hidden": "hidden_paths"}
+RUN_TMPFS_SIZE = "16m"
+TMPFS_INODES = 262144  # about 256 MiB of kernel memory at worst, per tmpfs
+# host files that name a target under /run, which is private inside
+RUN_TARGETS = ("/etc/resolv.conf",)
 
 
 @dataclass(frozen=True)
@@ -72,9 +82,35 @@ class MountOp:
     mountflags: int = 0
     data: str | None = None
     flags: int = 0
+    source_dev: int = 0
+    source_ino: int = 0
 
 
-def expand_path(value: str, key: str, cwd: str) -> str:
+class PathPins:
+    """What each configured path resolved to at a kernel's first start.
+
+    A restart binds the same paths again: a path that now resolves elsewhere
+    (a component renamed and recreated, a symlink swapped in by the kernel
+    that just died) fails the start instead of binding what the kernel chose.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, tuple[str, int, int]] = {}
+
+    def check(self, given: str, real: str, st: os.stat_result) -> None:
+        now = (real, st.st_dev, st.st_ino)
+        first = self.seen.setdefault(given, now)
+        if first == now:
+            return
+        what = (f"now resolves to {real}, not {first[0]}" if first[0] != real
+                else "is now another directory or file than at the first start")
+        raise SandboxError(
+            f"{given} {what}: a component was renamed or replaced since this kernel first "
+            "started, so the sandbox refuses to bind it",
+            hint="shut the kernel down and start a new one if the change was yours")
+
+
+def expand_path(value: str, key: str, cwd: str, pins: PathPins | None = None) -> str:
     """`value` with ~ and {cwd} expanded, checked and resolved to a real path."""
     text = value.replace("{cwd}", cwd)
     if text.startswith("~"):
@@ -88,6 +124,8 @@ def expand_path(value: str, key: str, cwd: str) -> str:
     # The binds must not follow symlinks inside the staging root, where an
     # absolute link would point elsewhere: use the real path on both sides.
     path = os.path.realpath(text)
+    if pins is not None:
+        pins.check(text, path, os.stat(path))
     if path == "/":
         raise SandboxError(f"{key} entry {value!r} is the root; use readonly_root "
                            "to choose whether the root is writable")
@@ -98,14 +136,70 @@ def expand_path(value: str, key: str, cwd: str) -> str:
     return path
 
 
-def resolve_paths(spec: SandboxSpec, cwd: str) -> dict[str, str]:
+def resolve_paths(spec: SandboxSpec, cwd: str, pins: PathPins | None = None) -> dict[str, str]:
     """Real path -> kind, for every user path; the more restrictive kind wins a tie."""
     paths: dict[str, str] = {}
-    for kind in KINDS:
-        key = PATH_KEYS[kind]
+    for kind, key in PATH_KEYS.items():
         for value in getattr(spec, key):
-            paths[expand_path(value, key, cwd)] = kind
+            path = expand_path(value, key, cwd, pins)
+            if KINDS.index(kind) >= KINDS.index(paths.get(path, "readwrite")):
+                paths[path] = kind
     return paths
+
+
+def state_root(spec: SandboxSpec) -> str | None:
+    """The sandbox state directory (protect.py), made if missing, as a real path."""
+    if spec.state_dir is None:
+        return None
+    path = os.path.expanduser(spec.state_dir)
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    return os.path.realpath(path)
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def add_protection(spec: SandboxSpec, paths: dict[str, str], argv0: str | None) -> set[str]:
+    """Protected paths into `paths`, writable paths below them made read-only
+    (but the state directory), and pins on the writable ancestors of every
+    read-only or hidden path; the paths added."""
+    before = dict(paths)
+    state = state_root(spec)
+    writable = [p for p, kind in paths.items() if kind == "readwrite"]
+    for path in protected_paths(spec, writable, argv0):
+        if KINDS.index(paths.get(path, "readwrite")) < KINDS.index("protected"):
+            paths[path] = "protected"
+    if state is not None:
+        paths[state] = "readwrite"
+    guarded = [p for p, kind in paths.items() if kind == "protected"]
+    for path, kind in list(paths.items()):
+        if kind == "readwrite" and path != state and any(
+                _within(path, top) and path != top for top in guarded):
+            paths[path] = "readonly"
+    for path, kind in list(paths.items()):
+        if kind in ("readonly", "protected", "hidden"):
+            for ancestor in _writable_ancestors(spec, path, paths):
+                paths.setdefault(ancestor, "pin")
+    return {path for path, kind in paths.items() if before.get(path) != kind}
+
+
+def _writable_ancestors(spec: SandboxSpec, path: str, paths: dict[str, str]) -> list[str]:
+    """The directories between `path` and the mount it lies in, when that mount is
+    writable (inside the sandbox's own tmpfs nothing needs pinning: its renames stay
+    inside)."""
+    between = []
+    parent = os.path.dirname(path)
+    while parent not in paths and parent != "/":
+        between.append(parent)
+        parent = os.path.dirname(parent)
+    if parent == "/":
+        own = (*OWN_TREES, *(("/tmp", "/var/tmp") if spec.private_tmp else ()),
+               *(("/run",) if spec.private_run else ()))
+        if spec.readonly_root or any(_within(path, t) for t in own):
+            return []
+        return between
+    return between if paths[parent] in ("readwrite", "pin") else []
 
 
 def _depth(path: str) -> int:
@@ -131,10 +225,10 @@ class _Planner:
         if mode == 0:  # a mode of 0 in the table means the default
             self.add(lib.NSX_MNT_CHMOD, path, mountflags=0)
 
-    def tmpfs(self, path: str, mode: int, optional: bool = False) -> None:
+    def tmpfs(self, path: str, mode: int, size: str, optional: bool = False) -> None:
         """A fresh tmpfs at `path` inside, where deeper mount points are made 0755."""
         self.add(lib.NSX_MNT_MOUNT, NEWROOT + path, source="tmpfs", fstype="tmpfs",
-                 mountflags=MS_NOSUID | MS_NODEV, data=f"mode={mode:04o}",
+                 mountflags=MS_NOSUID | MS_NODEV, data=tmpfs_options(mode, size),
                  flags=lib.NSX_MNT_OPTIONAL if optional else 0)
         self.ours[path] = (NEWROOT + path, 0o755)
 
@@ -161,15 +255,25 @@ class _Planner:
         else:
             self.add(lib.NSX_MNT_TOUCH, current + "/" + rest[-1])
 
-    def bind(self, path: str, source: str, attrs: int) -> None:
-        self.add(lib.NSX_MNT_BIND, NEWROOT + path, source=source, mountflags=attrs)
+    def bind(self, path: str, source: str, attrs: int, identity: os.stat_result | None = None,
+             flags: int = 0) -> None:
+        self.ops.append(MountOp(lib.NSX_MNT_BIND, NEWROOT + path, source, mountflags=attrs,
+                                flags=flags,
+                                source_dev=identity.st_dev if identity else 0,
+                                source_ino=identity.st_ino if identity else 0))
         self.binds.add(path)
 
-    def user_path(self, path: str, kind: str, visible_below: bool) -> None:
+    def user_path(self, path: str, kind: str, visible_below: bool, ours: bool = False) -> None:
+        """`ours`: protection or state the sandbox gets by default, which an identity that
+        can't reach the path (e.g. uid 0 inside mapped to a subordinate uid, and home
+        0700) neither needs nor can use."""
+        st = os.stat(path)
         is_dir = os.path.isdir(path)
         self.mount_point(path, is_dir)
         if kind != "hidden":
-            self.bind(path, OLDROOT + path, MOUNT_ATTR_RDONLY if kind == "readonly" else 0)
+            self.bind(path, OLDROOT + path,
+                      MOUNT_ATTR_RDONLY if kind in ("readonly", "protected") else 0, st,
+                      lib.NSX_MNT_REACHABLE if ours else 0)
         elif not is_dir:
             self.bind(path, HIDDEN_FILE, MOUNT_ATTR_RDONLY)
         else:
@@ -217,11 +321,28 @@ class _Planner:
         self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev/pts", source="devpts", fstype="devpts",
                  mountflags=MS_NOSUID | MS_NOEXEC, data="newinstance,ptmxmode=0666,mode=620")
         self.add(lib.NSX_MNT_MKDIR, f"{NEWROOT}/dev/shm")
-        self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev/shm", source="tmpfs", fstype="tmpfs",
-                 mountflags=MS_NOSUID | MS_NODEV, data="mode=1777")
         for source, name in DEV_LINKS:
             self.add(lib.NSX_MNT_SYMLINK, f"{NEWROOT}/dev/{name}", source=source)
         self.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/dev", mountflags=MOUNT_ATTR_RDONLY)
+
+    def dev_shm(self, size: str) -> None:
+        self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev/shm", source="tmpfs", fstype="tmpfs",
+                 mountflags=MS_NOSUID | MS_NODEV, data=tmpfs_options(0o1777, size))
+
+    def run(self) -> None:
+        """A private /run: the host's sockets there (D-Bus, systemd, docker.sock,
+        databases, the user's /run/user/UID) are out of reach even though
+        connect() works through a read-only mount. Files that programs reach
+        through a symlink into /run (resolv.conf) are bound back, read-only."""
+        self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/run", source="tmpfs", fstype="tmpfs",
+                 mountflags=MS_NOSUID | MS_NODEV | MS_NOEXEC,
+                 data=f"mode=0755,size={RUN_TMPFS_SIZE},nr_inodes=4096")
+        self.ours["/run"] = (f"{NEWROOT}/run", 0o755)
+        for link in RUN_TARGETS:
+            target = os.path.realpath(link)
+            if target.startswith("/run/") and os.path.isfile(target):
+                self.mount_point(target, False)
+                self.bind(target, OLDROOT + target, MOUNT_ATTR_RDONLY, os.stat(target))
 
     def _proc(self) -> None:
         optional = lib.NSX_MNT_OPTIONAL
@@ -242,6 +363,12 @@ class _Planner:
                      flags=optional | lib.NSX_MNT_RECURSIVE)
 
 
+def tmpfs_options(mode: int, size: str) -> str:
+    """A tmpfs with a size and an inode cap: without them each is half the RAM, charged
+    to no one when the sandbox has no memory limit."""
+    return f"mode={mode:04o},size={size},nr_inodes={TMPFS_INODES}"
+
+
 @functools.cache
 def _fixed_ops(part: Callable[[_Planner], None]) -> tuple[MountOp, ...]:
     """The ops of a part of the table that depends on nothing: planned once per process
@@ -251,9 +378,15 @@ def _fixed_ops(part: Callable[[_Planner], None]) -> tuple[MountOp, ...]:
     return tuple(p.ops)
 
 
-def plan_mounts(spec: SandboxSpec, cwd: str) -> list[MountOp]:
-    """The mount table of a sandbox; raises SandboxError for a bad path."""
-    user_paths = resolve_paths(spec, cwd)
+def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
+                pins: PathPins | None = None) -> list[MountOp]:
+    """The mount table of a sandbox; raises SandboxError for a bad path.
+
+    `argv0` (the command's resolved path) adds its installation to what is
+    protected; `pins` holds what each path resolved to at a kernel's first start.
+    """
+    user_paths = resolve_paths(spec, cwd, pins)
+    added = add_protection(spec, user_paths, argv0)
     p = _Planner()
     p.ops += _fixed_ops(_Planner._staging)
     if spec.readonly_root:
@@ -262,27 +395,34 @@ def plan_mounts(spec: SandboxSpec, cwd: str) -> list[MountOp]:
 
     # (depth, rank, path): the sandbox's own trees first at each depth, so a
     # user path (e.g. readwrite /tmp) can still override private_tmp.
-    entries: list[tuple[int, int, str]] = [(1, 0, "/dev"), (1, 0, "/proc"), (1, 0, "/sys")]
+    entries: list[tuple[int, int, str]] = [(1, 0, "/dev"), (1, 0, "/proc"), (1, 0, "/sys"),
+                                           (2, 0, "/dev/shm")]
     if spec.private_tmp:
         entries += [(1, 0, "/tmp"), (2, 0, "/var/tmp")]
+    if spec.private_run:
+        entries += [(1, 0, "/run")]
     entries += [(_depth(path), 1, path) for path in user_paths]
     for _, rank, path in sorted(entries):
         if rank == 0:
-            _plan_own(p, path)
+            _plan_own(p, spec, path)
             continue
         kind = user_paths[path]
         visible_below = kind == "hidden" and any(
             other.startswith(path + "/") and other_kind != "hidden"
             for other, other_kind in user_paths.items())
-        p.user_path(path, kind, visible_below)
+        p.user_path(path, kind, visible_below, ours=path in added)
 
     p.add(lib.NSX_MNT_PIVOT, NEWROOT)
     return p.ops
 
 
-def _plan_own(p: _Planner, path: str) -> None:
+def _plan_own(p: _Planner, spec: SandboxSpec, path: str) -> None:
     if path == "/dev":
         p.dev()
+    elif path == "/dev/shm":
+        p.dev_shm(spec.tmpfs_size)
+    elif path == "/run":
+        p.run()
     elif path == "/proc":
         p.proc()
     elif path == "/sys":
@@ -290,4 +430,4 @@ def _plan_own(p: _Planner, path: str) -> None:
         p.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/sys", mountflags=MOUNT_ATTR_RDONLY,
               flags=lib.NSX_MNT_OPTIONAL | lib.NSX_MNT_RECURSIVE)
     else:  # /tmp, /var/tmp
-        p.tmpfs(path, 0o1777, optional=path == "/var/tmp")
+        p.tmpfs(path, 0o1777, spec.tmpfs_size, optional=path == "/var/tmp")

@@ -58,7 +58,8 @@ def _mount_table(plan: tuple[MountOp, ...]) -> bytes:
     for i, m in enumerate(plan):
         array[i] = {"op": m.op, "flags": m.flags, "source": string(m.source),
                     "target": string(m.target), "fstype": string(m.fstype),
-                    "data": string(m.data), "mountflags": m.mountflags}
+                    "data": string(m.data), "mountflags": m.mountflags,
+                    "source_dev": m.source_dev, "source_ino": m.source_ino}
     return bytes(ffi.buffer(array, MOUNT_SIZE * len(plan))) + strings.bytes()
 
 
@@ -106,6 +107,8 @@ class Plan:
     sync_target_fd: int
     init: bool
     seccomp_filter: bytes | None
+    user_counters: Sequence[tuple[str, str]] = ()  # (/proc/sys/user/<name>, value)
+    rlimits: Sequence[tuple[int, int]] = ()  # (resource, soft and hard limit)
     fault_step: int = 0
     fault_kind: int = 0
 
@@ -123,6 +126,17 @@ class Plan:
         if self.seccomp_filter:
             header.seccomp = data.add(self.seccomp_filter, align=8)
             header.seccomp_len = len(self.seccomp_filter) // 8  # struct sock_filter
+        if self.user_counters:
+            counters = ffi.new("struct nsx_counter[]", [
+                {"path": data.string(path), "value": data.string(value)}
+                for path, value in self.user_counters])
+            header.user_counters = data.add(bytes(ffi.buffer(counters)), align=4)
+        header.n_user_counters = len(self.user_counters)
+        if self.rlimits:
+            limits = ffi.new("struct nsx_rlimit[]", [
+                {"resource": r, "soft": v, "hard": v} for r, v in self.rlimits])
+            header.rlimits = data.add(bytes(ffi.buffer(limits)), align=8)
+        header.n_rlimits = len(self.rlimits)
         header.hostname = data.string(self.hostname)
         header.cwd = data.string(self.cwd)
         data.add(b"\0")  # the record ends in a NUL

@@ -22,12 +22,18 @@ from typing import Any, ClassVar
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_core.paths import jupyter_runtime_dir
-from traitlets import Bool, Float, Int, List, Unicode, Union
+from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
 from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
-from .ipcdir import expose_only, make_socket_dir, remove_socket_dir
+from .ipcdir import (
+    expose_only,
+    make_socket_dir,
+    record_connection_file,
+    remove_socket_dir,
+    sweep_dead_servers,
+)
 from .kernelsandbox import (
     CONFIG_KEYS,
     DEFAULT_ENV_KEEP,
@@ -38,9 +44,20 @@ from .kernelsandbox import (
     merge_spec,
     visible_in_sandbox,
 )
+from .mounts import PathPins
 from .process import SandboxProcess
-from .sandbox import DEFAULT_NAMESPACES, DEFAULT_READWRITE, SandboxSpec
-from .spawn import DEVNULL, spawn
+from .protect import sandbox_state_env, state_paths
+from .relay import OutputRelay
+from .sandbox import (
+    DEFAULT_NAMESPACES,
+    DEFAULT_NPROC_LIMIT,
+    DEFAULT_READWRITE,
+    DEFAULT_STATE_DIR,
+    DEFAULT_TMP_SIZE,
+    DEFAULT_USER_COUNTERS,
+    SandboxSpec,
+)
+from .spawn import DEVNULL, PIPE, spawn
 
 # The arguments jupyter_client's KernelProvisionerFactory passes besides the
 # kernelspec's options.
@@ -80,6 +97,26 @@ class NamespaceProvisioner(LocalProvisioner):
     hidden_paths = List(Unicode(), default_value=[], config=True,
                         help="paths replaced by an empty, unreadable mount")
     private_tmp = Bool(True, config=True, help="a private /tmp and /var/tmp")
+    private_run = Bool(True, config=True,
+                       help="a private /run: the host's Unix sockets there are out of reach")
+    tmp_size = Union([Unicode(), Int()], default_value=DEFAULT_TMP_SIZE, config=True,
+                     help="size of the private /tmp, /var/tmp and /dev/shm each: a share of "
+                     "RAM ('10%') or a size ('2G')")
+    protect_home = Bool(True, config=True,
+                        help="home's top-level dot entries and ~/bin, Jupyter's config and data "
+                        "dirs and the server's Python are read-only inside")
+    protected_paths = List(Unicode(), default_value=[], config=True,
+                           help="more paths that are read-only inside even below a writable one")
+    writable_dotfiles = List(Unicode(), default_value=[], config=True,
+                             help="top-level dot entries of home left writable, e.g. '.cache'")
+    state_dir = Unicode(DEFAULT_STATE_DIR, allow_none=True, config=True,
+                        help="the sandboxes' own writable state (caches, IPython dir, pip "
+                        "installs); null: none")
+    nproc_limit = Int(DEFAULT_NPROC_LIMIT, allow_none=True, config=True,
+                      help="RLIMIT_NPROC inside: most processes and threads of the kernel's user "
+                      "in its sandbox")
+    user_counters = Dict(per_key_traits=None, default_value=dict(DEFAULT_USER_COUNTERS),
+                         config=True, help="the sandbox's share of /proc/sys/user counters")
     hostname = Unicode("sandbox", allow_none=True, config=True, help="hostname inside")
     env_keep = List(Unicode(), default_value=list(DEFAULT_ENV_KEEP), config=True,
                     help="the server's environment variables the kernel gets (glob patterns "
@@ -102,7 +139,9 @@ class NamespaceProvisioner(LocalProvisioner):
         self.sandbox: SandboxProcess | None = None
         self.spec: SandboxSpec | None = None
         self.sandbox_pid: int | None = None
-        self.socket_dir: str | None = None  # network "none": this kernel's ipc sockets
+        self.socket_dir: str | None = None  # this kernel's ipc sockets
+        self.path_pins = PathPins()  # what its paths resolved to at the first start
+        self.relay: OutputRelay | None = None
         self._background: set[asyncio.Future[None]] = set()
         self.env_allowed: tuple[str, ...] = tuple(self.env_keep)
 
@@ -137,21 +176,25 @@ class NamespaceProvisioner(LocalProvisioner):
         spec, self.env_allowed = self.resolve_options()
         self._sweep_once(spec.cgroup_parent)
         km = self.parent
-        if spec.network == "none" and km is not None:
+        if km is not None:
             self._use_ipc_transport(km)
+        self.spec = spec  # _finalize_env, called by super().pre_launch, reads it
         kwargs = await super().pre_launch(**kwargs)
         if km is not None and km.connection_file:
             runtime_dirs = {jupyter_runtime_dir(), os.path.dirname(km.connection_file)}
             spec = hide_runtime_dirs(spec, sorted(runtime_dirs), km.connection_file)
+            if self.socket_dir is not None:
+                record_connection_file(self.socket_dir, km.connection_file)
         if self.socket_dir is not None:
             spec = expose_only(spec, self.socket_dir)
         self.spec = spec
         return kwargs
 
     def _use_ipc_transport(self, km: Any) -> None:
-        """Loopback TCP can't cross into a private network namespace: switch this
-        kernel to ipc sockets in its own directory, before the connection file
-        is written. The directory outlives restarts; cleanup() removes it."""
+        """ipc sockets in this kernel's own directory, before the connection file is
+        written: loopback TCP can't cross into a private network namespace, and on
+        the host's network any local process could subscribe to the kernel's iopub
+        (ipcdir.py). The directory outlives restarts; cleanup() removes it."""
         if self.socket_dir is None:
             self.socket_dir = make_socket_dir(self.kernel_id)
         km.transport = "ipc"
@@ -165,6 +208,15 @@ class NamespaceProvisioner(LocalProvisioner):
         if cgroup_parent in NamespaceProvisioner._swept:
             return
         NamespaceProvisioner._swept.add(cgroup_parent)
+        if len(NamespaceProvisioner._swept) == 1:
+            try:
+                files = sweep_dead_servers(jupyter_runtime_dir())
+            except (OSError, SandboxError) as e:
+                self.log.warning("could not sweep the sockets of servers that died: %s", e)
+            else:
+                if files:
+                    self.log.info("removed what %d path(s) servers that died left: %s",
+                                  len(files), ", ".join(files))
         try:
             removed = sweep_stale_cgroups(cgroup_parent)
         except OSError as e:
@@ -183,18 +235,22 @@ class NamespaceProvisioner(LocalProvisioner):
         # parent poller for PID 1 and, seeing a parent at all, prints no
         # "standalone kernel" banner into the server's log.
         env["JPY_PARENT_PID"] = "1"
+        if self.spec is not None:
+            env.update(sandbox_state_env(state_paths(self.spec, self.kernelspec_name), env))
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel in a new sandbox; a SandboxError leaves no file or process behind."""
         if self.spec is None:
             raise SandboxError("launch_kernel called before pre_launch")
         self.cwd = kwargs.get("cwd") or os.getcwd()
-        stdin = kwargs.get("stdin")
+        # Never one of the server's own fds (its log, its terminal): pipes we
+        # relay into the log, unless the caller asked for pipes or nothing.
+        stdio = [kwargs.get(name) for name in ("stdout", "stderr")]
+        stdout, stderr = (s if s in (PIPE, DEVNULL) else PIPE for s in stdio)
         try:
             proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
-                               stdin=DEVNULL if stdin is None else stdin,
-                               stdout=kwargs.get("stdout"), stderr=kwargs.get("stderr"),
-                               name=self.kernel_id)
+                               stdin=DEVNULL, stdout=stdout, stderr=stderr,
+                               name=self.kernel_id, path_pins=self.path_pins)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
@@ -205,6 +261,9 @@ class NamespaceProvisioner(LocalProvisioner):
         proc.add_exit_callback(self._report_exit)
         self.sandbox = proc
         self.sandbox_pid = proc.pid
+        relayed = {name: getattr(proc, name) for name, asked in
+                   (("stdout", stdio[0]), ("stderr", stdio[1])) if asked not in (PIPE, DEVNULL)}
+        self.relay = OutputRelay(self.log, self.kernel_id, relayed) if relayed else None
         return self.connection_info
 
     async def post_launch(self, **kwargs: Any) -> None:
@@ -258,9 +317,17 @@ class NamespaceProvisioner(LocalProvisioner):
         if self.sandbox is None:
             return 0
         code = await self.sandbox.wait()
-        self.sandbox.close_pipes()
+        self._close_output()
         self.sandbox = None
         return code
+
+    def _close_output(self) -> None:
+        """The relay and the pipes it reads, once the kernel is gone."""
+        if self.relay is not None:
+            self.relay.close()
+            self.relay = None
+        if self.sandbox is not None:
+            self.sandbox.close_pipes()
 
     async def send_signal(self, signum: int) -> None:
         """Signal the init; it forwards the signal to the kernel's process group."""
@@ -276,6 +343,8 @@ class NamespaceProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        if self.sandbox is not None and self.sandbox.poll() is not None:
+            self._close_output()
         if not restart:
             self.ports_cached = False
             if self.socket_dir is not None:

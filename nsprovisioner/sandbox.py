@@ -8,7 +8,7 @@ module (and the planners it calls) decided.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .errors import SandboxError
@@ -24,6 +24,21 @@ NETWORKS = ("host", "none")
 SECCOMP_MODES = ("default", "off")
 DEFAULT_READWRITE = ("~", "{cwd}")
 MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+DEFAULT_STATE_DIR = "~/.local/share/nsprovisioner/sandbox"
+# The sandbox's share of its user's per-user counters (/proc/sys/user/*),
+# written in its own user namespace. Inotify: a kernel can't use up the
+# instances its user's server and other kernels need (the host's default is
+# 128 per user). Namespaces: none can be made inside (seccomp refuses them
+# too; this holds with seccomp off).
+DEFAULT_USER_COUNTERS = {
+    "max_inotify_instances": 32, "max_inotify_watches": 16384,
+    "max_user_namespaces": 0, "max_mnt_namespaces": 0, "max_pid_namespaces": 0,
+    "max_net_namespaces": 0, "max_ipc_namespaces": 0, "max_uts_namespaces": 0,
+    "max_cgroup_namespaces": 0, "max_time_namespaces": 0,
+}
+USER_COUNTER_NAMES = (*DEFAULT_USER_COUNTERS, "max_fanotify_groups", "max_fanotify_marks")
+DEFAULT_NPROC_LIMIT = 4096
+DEFAULT_TMP_SIZE = "10%"
 
 
 def _as_tuple(value: object, key: str) -> tuple[object, ...]:
@@ -49,12 +64,22 @@ class SandboxSpec:
     readonly_paths: Sequence[str] = ()
     hidden_paths: Sequence[str] = ()
     private_tmp: bool = True
+    private_run: bool = True
+    tmp_size: str | int = DEFAULT_TMP_SIZE
+    # what a kernel may not change for anything outside (protect.py)
+    protect_home: bool = True
+    protected_paths: Sequence[str] = ()
+    writable_dotfiles: Sequence[str] = ()
+    state_dir: str | None = DEFAULT_STATE_DIR
     seccomp: str = "default"
     # resource limits (cgroups.py)
     memory_limit: str | int | None = None
     cpu_limit: float | None = None
     pids_limit: int | None = None
     cgroup_parent: str = "auto"
+    nproc_limit: int | None = DEFAULT_NPROC_LIMIT
+    user_counters: Mapping[str, int] = field(
+        default_factory=lambda: dict(DEFAULT_USER_COUNTERS))
     # what to do when the host can't enforce a setting: fail (True) or warn
     strict: bool = True
 
@@ -64,22 +89,26 @@ class SandboxSpec:
     uid: int = field(init=False, repr=False)
     gid: int = field(init=False, repr=False)
     memory_bytes: int | None = field(init=False, repr=False)
+    tmpfs_size: str = field(init=False, repr=False)  # tmpfs's size= option
 
     def __post_init__(self) -> None:
         if self.user not in USERS:
             raise SandboxError(f"user {self.user!r} is not one of {', '.join(USERS)}")
-        for key in ("init", "readonly_root", "private_tmp", "strict"):
+        for key in ("init", "readonly_root", "private_tmp", "private_run", "protect_home",
+                    "strict"):
             if not isinstance(getattr(self, key), bool):
                 raise SandboxError(f"{key} must be true or false, not {getattr(self, key)!r}")
         if self.seccomp not in SECCOMP_MODES:
             raise SandboxError(f"seccomp {self.seccomp!r} is not one of {', '.join(SECCOMP_MODES)}")
-        for key in ("readwrite_paths", "readonly_paths", "hidden_paths"):
+        for key in ("readwrite_paths", "readonly_paths", "hidden_paths", "protected_paths"):
             paths = _as_tuple(getattr(self, key), key)
             for path in paths:
                 if not isinstance(path, str) or not path or "\0" in path:
                     raise SandboxError(f"{key} entry {path!r} must be a non-empty path")
             object.__setattr__(self, key, paths)
         object.__setattr__(self, "memory_bytes", parse_memory(self.memory_limit))
+        object.__setattr__(self, "tmpfs_size", parse_tmp_size(self.tmp_size))
+        self._check_state()
         self._check_limits()
         if self.network not in NETWORKS:
             raise SandboxError(f"network {self.network!r} is not one of {', '.join(NETWORKS)}")
@@ -93,6 +122,31 @@ class SandboxSpec:
         object.__setattr__(self, "uid", self._identity(uid_ranges, "uid_map", os.getuid()))
         object.__setattr__(self, "gid", self._identity(gid_ranges, "gid_map", os.getgid()))
 
+    def _check_state(self) -> None:
+        names = _as_tuple(self.writable_dotfiles, "writable_dotfiles")
+        for name in names:
+            if (not isinstance(name, str) or not name.startswith(".") or "/" in name
+                    or name in (".", "..")):
+                raise SandboxError(f"writable_dotfiles entry {name!r} must be the name of a "
+                                   "top-level dot entry of home, e.g. '.cache'")
+        object.__setattr__(self, "writable_dotfiles", names)
+        if self.state_dir is not None and (
+                not isinstance(self.state_dir, str) or "\0" in self.state_dir
+                or not (self.state_dir.startswith("/") or self.state_dir.startswith("~"))):
+            raise SandboxError(f"state_dir {self.state_dir!r} must be an absolute path, a "
+                               "path starting with ~, or null (no sandbox state)")
+        if not isinstance(self.user_counters, Mapping):
+            raise SandboxError(f"user_counters {self.user_counters!r} must be a mapping of "
+                               "/proc/sys/user names to numbers")
+        for name, value in self.user_counters.items():
+            if name not in USER_COUNTER_NAMES:
+                raise SandboxError(f"user_counters: unknown counter {name!r}; known: "
+                                   f"{', '.join(USER_COUNTER_NAMES)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SandboxError(f"user_counters {name!r} = {value!r} must be an integer "
+                                   ">= 0")
+        object.__setattr__(self, "user_counters", dict(self.user_counters))
+
     def _check_limits(self) -> None:
         if self.cpu_limit is not None:
             if isinstance(self.cpu_limit, bool) or not isinstance(self.cpu_limit, (int, float)):
@@ -100,11 +154,14 @@ class SandboxSpec:
             if not 0.01 <= self.cpu_limit <= 4096:
                 raise SandboxError(f"cpu_limit {self.cpu_limit!r} must be between 0.01 and 4096 "
                                    "cores")
-        if self.pids_limit is not None:
-            if isinstance(self.pids_limit, bool) or not isinstance(self.pids_limit, int):
-                raise SandboxError(f"pids_limit {self.pids_limit!r} must be an integer")
-            if self.pids_limit < 1:
-                raise SandboxError(f"pids_limit {self.pids_limit!r} must be at least 1")
+        for key in ("pids_limit", "nproc_limit"):
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise SandboxError(f"{key} {value!r} must be an integer")
+            if value < 1:
+                raise SandboxError(f"{key} {value!r} must be at least 1")
         if not isinstance(self.cgroup_parent, str) or not self.cgroup_parent or (
                 self.cgroup_parent != "auto" and not self.cgroup_parent.startswith("/")):
             raise SandboxError(f"cgroup_parent {self.cgroup_parent!r} must be 'auto' or an "
@@ -180,6 +237,24 @@ def parse_memory(value: object) -> int | None:
     if size < 1024 * 1024:
         raise SandboxError(f"memory_limit {value!r} is below 1 MiB; a kernel needs far more")
     return size
+
+
+def parse_tmp_size(value: object) -> str:
+    """tmpfs's size= for the private /tmp, /var/tmp, /dev/shm: "10%" of RAM, or a size."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        number = value.strip()[:-1]
+        if number.isdigit() and 1 <= int(number) <= 100:
+            return f"{int(number)}%"
+        raise SandboxError(f"tmp_size {value!r} must be a percentage of RAM from 1% to 100%, "
+                           "or a size such as 512M")
+    try:
+        size = parse_memory(value)
+    except SandboxError as e:
+        raise SandboxError(str(e).replace("memory_limit", "tmp_size")) from None
+    if size is None:
+        raise SandboxError("tmp_size must be a percentage of RAM (e.g. 10%) or a size "
+                           "(e.g. 1G)")
+    return str(size)
 
 
 def _check_hostname(name: str) -> None:

@@ -10,6 +10,7 @@ and closes every fd it opened before raising one SandboxError.
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -22,7 +23,7 @@ from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import helper_command
-from .mounts import MountOp, plan_mounts
+from .mounts import MountOp, PathPins, plan_mounts
 from .plan import Plan
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env
@@ -39,6 +40,17 @@ FAULT_KINDS = {"eio": lib.NSX_FAULT_EIO, "segv": lib.NSX_FAULT_SEGV,
                "abrt": lib.NSX_FAULT_ABRT, "memory": lib.NSX_FAULT_MEMORY}
 
 
+def resolve_command(name: str, env: Mapping[str, str]) -> str:
+    """argv[0] as a path, as the host sees it (the mount plan protects its prefix)."""
+    if "/" in name:
+        return name
+    for directory in env.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return name
+
+
 def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
     path = os.path.abspath(os.fspath(cwd)) if cwd is not None else os.getcwd()
     if "\0" in path:
@@ -46,6 +58,34 @@ def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
     if not os.path.isdir(path):
         raise SandboxError(f"cwd {path} does not exist or is not a directory", step="chdir")
     return path
+
+
+USER_COUNTERS_DIR = "/proc/sys/user"
+
+
+def user_counters(spec: SandboxSpec) -> list[tuple[str, str]]:
+    """(file, value) for the /proc/sys/user counters this host has, lowered only: a
+    value above the host's own per-user limit would mean nothing."""
+    out = []
+    for name, value in spec.user_counters.items():
+        path = os.path.join(USER_COUNTERS_DIR, name)
+        try:
+            with open(path, "rb") as f:
+                host = int(f.read())
+        except (OSError, ValueError):
+            continue  # a counter this kernel doesn't have
+        out.append((path, str(min(value, host))))
+    return out
+
+
+def rlimits(spec: SandboxSpec) -> list[tuple[int, int]]:
+    """(resource, limit): RLIMIT_NPROC counts the processes of the sandbox's user in its
+    own user namespace (Linux 5.14+), so it caps this sandbox, not the user's others."""
+    if spec.nproc_limit is None:
+        return []
+    hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # only root could raise it
+    limit = spec.nproc_limit if hard == resource.RLIM_INFINITY else min(spec.nproc_limit, hard)
+    return [(resource.RLIMIT_NPROC, limit)]
 
 
 class _Stdio:
@@ -107,6 +147,7 @@ async def spawn(
     stderr: Stdio = None,
     pass_fds: Sequence[int] = (),
     name: str | None = None,
+    path_pins: PathPins | None = None,
     _fault_step: str | None = None,
     _fault_kind: str = "eio",
 ) -> SandboxProcess:
@@ -114,6 +155,9 @@ async def spawn(
 
     stdin/stdout/stderr: None (inherit), DEVNULL, PIPE, an fd or a file.
     `name` names the sandbox's cgroup (e.g. the kernel id); a random one by default.
+    `path_pins`: what the configured paths resolved to at the first of a
+    series of starts (a kernel and its restarts); a path that resolves
+    elsewhere now fails the start.
     `_fault_step` (tests only) makes the named step fail, in the way
     `_fault_kind` names: "eio", "segv", "abrt", or "memory" (the stage runs
     into its cgroup's memory limit).
@@ -137,7 +181,8 @@ async def spawn(
         if needs_helper(list(ranges), own):
             check_helper_map(list(ranges), kind, own)
 
-    mounts = plan_mounts(spec, workdir)
+    mounts = plan_mounts(spec, workdir, argv0=resolve_command(args[0], environ),
+                         pins=path_pins)
     seccomp_filter = build_filter(spec.seccomp, spec.strict)
     cgroup = create_cgroup(spec, name)
     try:
@@ -184,6 +229,7 @@ async def _clone_and_handshake(
             cwd=workdir, mounts=mounts,
             fds=[(i, dst) for i, (_, dst) in enumerate(stdio.pairs)],
             sync_target_fd=sync_target, init=spec.init, seccomp_filter=seccomp_filter,
+            user_counters=user_counters(spec), rlimits=rlimits(spec),
             fault_step=fault, fault_kind=fault_kind,
         ).encode()
 

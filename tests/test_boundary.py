@@ -199,7 +199,7 @@ def test_binds_never_follow_a_symlink_swapped_in_after_planning(
                        private_tmp=False)
     r = probe(spec, f"out['hidden'] = err(os.listdir, {str(tmp_path / 'real' / 'runtime')!r})")
     assert r["hidden"] == "EACCES"  # planned normally: the real path is hidden
-    monkeypatch.setattr(mounts, "expand_path", lambda value, key, cwd: value)
+    monkeypatch.setattr(mounts, "expand_path", lambda value, key, cwd, pins=None: value)
     with pytest.raises(SandboxError) as info:
         probe(spec, "")
     assert info.value.step == "mount" and info.value.errno == errno.ELOOP
@@ -274,8 +274,9 @@ def test_masks_cannot_be_lifted(no_leaks: None, tmp_path: Path) -> None:
     hidden = tmp_path / "hidden"
     hidden.mkdir()
     (hidden / "secret").write_text("secret")
+    # No seccomp and no namespace counters: the locks alone must hold.
     spec = SandboxSpec(user="root", seccomp="off", hidden_paths=[str(hidden)],
-                       private_tmp=True)
+                       private_tmp=True, user_counters={})
     r = probe(spec, f"""
         MNT_DETACH, MS_REMOUNT, MS_BIND = 2, 32, 4096
         CLONE_NEWUSER, CLONE_NEWNS = 0x10000000, 0x00020000
@@ -360,3 +361,16 @@ def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir:
     assert code == 0, stderr
     assert cachedir.startswith(str(home)) and "warn" not in stderr.lower(), stderr
     assert list(Path(cachedir).glob("fontlist*.json"))
+
+
+def test_no_namespace_can_be_made_inside_even_without_seccomp(no_leaks: None) -> None:
+    """The default per-namespace counters are 0: the second line of defence behind seccomp."""
+    r = probe(SandboxSpec(user="root", seccomp="off"), """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        def sys_err(rc):
+            return None if rc == 0 else errno.errorcode[ctypes.get_errno()]
+        out["user"] = sys_err(libc.unshare(0x10000000))
+        out["net"] = sys_err(libc.unshare(0x40000000))
+    """)
+    assert (r["user"], r["net"]) == ("ENOSPC", "EPERM")

@@ -25,7 +25,9 @@ print(json.dumps({
     "list_runtime": err(os.listdir, os.path.dirname(OWN)),
     "usr": err(write, "/usr/nsx-probe"),
     "home": os.path.expanduser("~"),
-    "history": os.path.exists(os.path.expanduser("~/.ipython/profile_default/history.sqlite")),
+    "ipython_dir": os.environ["IPYTHONDIR"],
+    "history": os.path.exists(os.path.join(os.environ["IPYTHONDIR"],
+                                           "profile_default/history.sqlite")),
 }))
 """
 
@@ -81,3 +83,6 @@ def test_kernel_sees_only_its_own_connection_file(tmp_path: Path, no_leaks: None
     assert r["list_runtime"] == "EACCES"
     assert r["usr"] == "EROFS"
     assert r["home"] == str(home) and r["history"] is True
+    # IPython's history lives in the sandboxes' own state, not in ~/.ipython,
+    # which the server's user's other IPython sessions read
+    assert r["ipython_dir"].startswith(str(home / ".local/share/nsprovisioner/sandbox/"))
