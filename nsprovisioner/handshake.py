@@ -392,11 +392,11 @@ async def _drive(
     # command is exec'd: no record then, but a signal in its exit status.
     if _exiting(hs.grandchild_pid):
         await readable(hs.grandchild_pidfd)
-        status = os.waitid(os.P_PIDFD, hs.grandchild_pidfd,  # noqa: ASYNC222 - it has exited
-                           os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if status is not None and status.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        died = os.waitid(os.P_PIDFD, hs.grandchild_pidfd,  # noqa: ASYNC222 - it has exited
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if died is not None and died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
             raise SandboxError(f"the sandbox's init was killed by "
-                               f"{signal.Signals(status.si_status).name} as it started the "
+                               f"{signal.Signals(died.si_status).name} as it started the "
                                "command", step="init_setup")
 
 

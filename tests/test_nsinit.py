@@ -72,8 +72,9 @@ def under_valgrind(dynamic_helper: Path, tmp_path: Path,
                         lambda: (-1, valgrind, [*command, str(dynamic_helper)]))
     plan_mounts = spawn_module.plan_mounts
 
-    def known_to_valgrind(spec: SandboxSpec, cwd: str) -> list[MountOp]:
-        return [m for m in plan_mounts(spec, cwd) if m.op not in VALGRIND_UNKNOWN_OPS]
+    def known_to_valgrind(spec: SandboxSpec, cwd: str, **kwargs: object) -> list[MountOp]:
+        return [m for m in plan_mounts(spec, cwd, **kwargs)
+                if m.op not in VALGRIND_UNKNOWN_OPS]
 
     monkeypatch.setattr(spawn_module, "plan_mounts", known_to_valgrind)
     yield log
@@ -112,8 +113,8 @@ def test_failing_steps_under_valgrind(step: str, under_valgrind: Path) -> None:
 
 def test_signals_are_forwarded_under_valgrind(under_valgrind: Path) -> None:
     async def main() -> int:
-        proc = await spawn(SandboxSpec(), ["sh", "-c", "trap 'exit 9' USR1; echo ready; "
-                                           "while :; do sleep 0.05; done"], stdout=PIPE)
+        script = "trap 'exit 9' USR1; echo ready; while :; do sleep 0.05; done"
+        proc = await spawn(SandboxSpec(), ["sh", "-c", script], stdout=PIPE)
         assert proc.stdout is not None
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, proc.stdout.readline) == b"ready\n"
