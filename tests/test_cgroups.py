@@ -457,7 +457,7 @@ def test_same_name_twice_gets_two_cgroups(no_leaks: None, no_cgroup_left: None) 
 
 
 @pytest.mark.parametrize("step", ["write_id_maps", "cgroup_attach", "clone_grandchild",
-                                  "unshare_cgroup", "exec"])
+                                  "unshare_cgroup", "init_exec"])
 def test_no_cgroup_left_after_failed_launch(step: str, no_leaks: None,
                                             no_cgroup_left: None) -> None:
     _need(CANT_LIMIT)
