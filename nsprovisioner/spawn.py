@@ -9,6 +9,7 @@ and closes every fd it opened before raising one SandboxError.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
@@ -25,7 +26,7 @@ from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import helper_command
 from .mounts import MountOp, PathPins, plan_mounts
 from .plan import Plan
-from .process import SandboxProcess
+from .process import SandboxProcess, off_the_loop
 from .sandbox import SandboxSpec, check_argv, check_env
 from .seccomp import build_filter
 
@@ -192,7 +193,9 @@ async def spawn(
                                           (stdin, stdout, stderr), pass_fds)
     except BaseException:
         if cgroup is not None:
-            cgroup.kill_and_remove()
+            removed = off_the_loop(cgroup.kill_and_remove)
+            if removed is not None:
+                await asyncio.shield(removed)
         raise
 
 
