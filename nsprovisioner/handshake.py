@@ -331,7 +331,28 @@ async def run_handshake(
     except SandboxError as e:
         if e.grandchild_pid and not hs.grandchild_pid:
             hs.grandchild_pid = e.grandchild_pid  # our unreaped child: its pid is stable
+        if e.stage is None:  # no record: a stage that crashed or was killed says so
+            killed = await _killed_stage(hs)
+            if killed:
+                raise SandboxError(f"the sandbox {killed}", step=e.step) from None
         raise
+
+
+async def _killed_stage(hs: Handshake) -> str | None:
+    """'child was killed by SIGSEGV' when a stage died of a signal, else None."""
+    for who, pid, pidfd in (("child", hs.child_pid, hs.child_pidfd),
+                            ("grandchild", hs.grandchild_pid, hs.grandchild_pidfd)):
+        if pidfd < 0 or not _exiting(pid):
+            continue
+        try:
+            await asyncio.wait_for(readable(pidfd), 1.0)
+        except asyncio.TimeoutError:
+            continue
+        died = os.waitid(os.P_PIDFD, pidfd,  # noqa: ASYNC222 - it has exited
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if died is not None and died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return f"{who} was killed by {signal.Signals(died.si_status).name}"
+    return None
 
 
 async def _drive(
@@ -380,7 +401,9 @@ async def _drive(
     hs.child_pid, hs.child_pidfd = 0, -1
     if status != 0:
         child.raise_pending_error()
-        raise SandboxError(f"the child exited with status {status}", step="reap_child")
+        how = (f"was killed by {signal.Signals(-status).name}" if status < 0
+               else f"exited with status {status}")
+        raise SandboxError(f"the child {how}", step="reap_child")
     await grandchild.expect(lib.NSX_SYNC_CHILD_READY, "wait_grandchild")
     # EOF: the exec (of the command, through the init when there is one)
     # closed the last copy of the close-on-exec socket.
