@@ -14,11 +14,25 @@ def header_declarations() -> str:
     return text.split("/* cdef-begin */", 1)[1].split("/* cdef-end */", 1)[0]
 
 
+# Kernel numbers the Python side needs, supplied by the compiler ("...")
+# instead of copied by hand.
+KERNEL_CONSTANTS = """
+#define CLONE_NEWNS ...
+#define CLONE_NEWUTS ...
+#define CLONE_NEWIPC ...
+#define CLONE_NEWPID ...
+#define CLONE_NEWNET ...
+#define CLONE_NEWUSER ...
+#define TIOCSTI ...
+#define TIOCLINUX ...
+"""
+
 ffibuilder = FFI()
 ffibuilder.cdef(header_declarations())
+ffibuilder.cdef(KERNEL_CONSTANTS)
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
-    '#include "nsexec.h"',
+    '#define _GNU_SOURCE\n#include <sched.h>\n#include <sys/ioctl.h>\n#include "nsexec.h"',
     # only the clone that starts the helper: the helper itself is a program
     # (setup.py builds it)
     sources=[str(CSRC / "nsclone.c")],

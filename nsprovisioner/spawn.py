@@ -34,8 +34,8 @@ PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 Stdio = int | IO[Any] | None
 
-CLONE_FLAGS = {"mount": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000,
-               "pid": 0x20000000, "net": 0x40000000}
+CLONE_FLAGS = {"mount": lib.CLONE_NEWNS, "uts": lib.CLONE_NEWUTS, "ipc": lib.CLONE_NEWIPC,
+               "pid": lib.CLONE_NEWPID, "net": lib.CLONE_NEWNET}
 # How the fault switch (tests only) makes its step fail.
 FAULT_KINDS = {"eio": lib.NSX_FAULT_EIO, "segv": lib.NSX_FAULT_SEGV,
                "abrt": lib.NSX_FAULT_ABRT, "memory": lib.NSX_FAULT_MEMORY}
