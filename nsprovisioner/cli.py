@@ -65,12 +65,25 @@ def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
                    help="a path covered by an empty, unreadable mount (repeatable)")
     g.add_argument("--no-private-tmp", dest="private_tmp", action="store_false",
                    help="share the host's /tmp and /var/tmp instead of private tmpfs")
+    g.add_argument("--no-private-run", dest="private_run", action="store_false",
+                   help="share the host's /run (and its Unix sockets)")
+    g.add_argument("--tmp-size", default=DEFAULTS["tmp_size"], metavar="SIZE",
+                   help=f"size of the private /tmp, /var/tmp, /dev/shm (default "
+                   f"{DEFAULTS['tmp_size'].replace('%', '%%')} of RAM)")
+    g.add_argument("--no-protect-home", dest="protect_home", action="store_false",
+                   help="leave home's dot entries and Jupyter's and Python's dirs writable")
+    g.add_argument("--protected", action="append", metavar="PATH", dest="protected_paths",
+                   help="a path read-only even below a writable one (repeatable)")
+    g.add_argument("--state-dir", default=DEFAULTS["state_dir"], metavar="DIR",
+                   help=f"the sandbox's own writable state (default {DEFAULTS['state_dir']})")
     g.add_argument("--seccomp", choices=SECCOMP_MODES, default=DEFAULTS["seccomp"],
                    help="the default seccomp filter, or none")
     g = p.add_argument_group("resource limits")
     g.add_argument("--memory-limit", metavar="SIZE", help="memory (and swap) limit, e.g. 512M")
     g.add_argument("--cpu-limit", type=float, metavar="CORES", help="CPU limit in cores, e.g. 0.5")
     g.add_argument("--pids-limit", type=int, metavar="N", help="most processes at once")
+    g.add_argument("--nproc-limit", type=int, default=DEFAULTS["nproc_limit"], metavar="N",
+                   help=f"RLIMIT_NPROC inside (default {DEFAULTS['nproc_limit']})")
     g.add_argument("--cgroup-parent", default=DEFAULTS["cgroup_parent"], metavar="PATH",
                    help="where the sandbox's cgroup is created "
                    f"(default: {DEFAULTS['cgroup_parent']})")
@@ -86,7 +99,11 @@ def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
                          else DEFAULTS["readwrite_paths"]),
         readonly_paths=args.readonly_paths or DEFAULTS["readonly_paths"],
         hidden_paths=args.hidden_paths or DEFAULTS["hidden_paths"],
-        private_tmp=args.private_tmp, seccomp=args.seccomp, memory_limit=args.memory_limit,
+        private_tmp=args.private_tmp, private_run=args.private_run, tmp_size=args.tmp_size,
+        protect_home=args.protect_home,
+        protected_paths=args.protected_paths or DEFAULTS["protected_paths"],
+        state_dir=args.state_dir, nproc_limit=args.nproc_limit,
+        seccomp=args.seccomp, memory_limit=args.memory_limit,
         cpu_limit=args.cpu_limit, pids_limit=args.pids_limit,
         cgroup_parent=args.cgroup_parent, strict=args.strict,
     )

@@ -74,8 +74,14 @@ def server_dir() -> str:
 
 def make_socket_dir(kernel_id: str) -> str:
     """A new 0700 directory for one kernel's sockets; SandboxError if paths get too long."""
-    parent = server_dir()
-    directory = tempfile.mkdtemp(prefix=f"{kernel_id[:8]}-", dir=parent)
+    for _ in range(3):  # another thread's remove_socket_dir may take an empty server_dir
+        try:
+            directory = tempfile.mkdtemp(prefix=f"{kernel_id[:8]}-", dir=server_dir())
+            break
+        except FileNotFoundError:
+            continue
+    else:
+        raise SandboxError(f"could not make a socket directory in {sockets_parent()}")
     endpoint = os.path.join(directory, "k")
     if len(endpoint) + PORT_SUFFIX > MAX_SOCKET_PATH:
         shutil.rmtree(directory, ignore_errors=True)
@@ -100,10 +106,12 @@ def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
 
 
 def remove_socket_dir(directory: str) -> None:
+    """The kernel's directory, its record, and the server's directory once empty."""
     shutil.rmtree(directory, ignore_errors=True)
     try:
         os.unlink(directory + RECORD_SUFFIX)
-    except FileNotFoundError:
+        os.rmdir(os.path.dirname(directory))
+    except OSError:  # no record; other kernels' directories remain
         pass
 
 

@@ -105,58 +105,52 @@ def protected_paths(spec: SandboxSpec, writable_roots: list[str],
                     argv0: str | None = None) -> list[str]:
     """Real paths to bind read-only inside, each writable there otherwise.
 
-    `writable_roots` are the resolved readwrite paths. Absent Jupyter and
-    Python directories that the sandbox could create are created here.
+    `writable_roots` are the resolved readwrite paths. A Jupyter or Python
+    directory that is absent, and that the sandbox could create because no
+    protected path holds it, is created here (empty, 0700).
     """
-    creatable = [os.path.expanduser(p) for p in spec.protected_paths]
-    existing: list[str] = []
-    if spec.protect_home:
-        creatable += server_dirs()
-        existing += server_code_paths()
-        if argv0:
-            prefix = interpreter_prefix(argv0)
-            if prefix:
-                existing.append(prefix)
     home = home_dir()
+    # A path that holds a writable root (home itself on sys.path, the
+    # notebook's directory) would take the user's data with it.
     ours = {home, *writable_roots}
     found: set[str] = set()
-    for raw, create in [(p, True) for p in creatable] + [(p, False) for p in existing]:
+
+    def protect(path: str) -> None:
+        real = os.path.realpath(path)
+        if ((os.path.isdir(real) or os.path.isfile(real))
+                and not any(_within(root, real) for root in ours)
+                and writable_inside(real, spec, writable_roots)):
+            found.add(real)
+
+    creatable = [os.path.expanduser(p) for p in spec.protected_paths]
+    if spec.protect_home:
+        creatable += server_dirs()
+        existing = server_code_paths()
+        prefix = interpreter_prefix(argv0) if argv0 else None
+        for path in existing + ([prefix] if prefix else []):
+            if os.path.lexists(path):
+                protect(path)
+        if writable_inside(home, spec, writable_roots):
+            try:
+                entries = list(os.scandir(home))
+            except OSError:
+                entries = []
+            for entry in entries:
+                if ((entry.name.startswith(".") or entry.name in HOME_EXECUTABLE_DIRS)
+                        and entry.name not in spec.writable_dotfiles):
+                    protect(entry.path)
+    for raw in creatable:
         path = os.path.abspath(raw)
         if not os.path.lexists(path):
-            if not create:
-                continue
             anchor = os.path.realpath(_nearest_existing(path))
-            # Never make a path's *container* read-only: only ones that hold
-            # nothing but Jupyter's or Python's own files.
-            if not writable_inside(anchor, spec, writable_roots):
-                continue
+            if (any(_within(anchor, top) for top in found)
+                    or not writable_inside(anchor, spec, writable_roots)):
+                continue  # protected by what holds it, or the sandbox can't make it
             try:
                 os.makedirs(path, mode=0o700, exist_ok=True)
             except OSError:
                 continue
-        real = os.path.realpath(path)
-        if not os.path.isdir(real) and not os.path.isfile(real):
-            continue
-        # A path that holds a writable root (home itself on sys.path, the
-        # notebook's directory) would take the user's data with it.
-        if any(_within(root, real) for root in ours):
-            continue
-        if writable_inside(real, spec, writable_roots):
-            found.add(real)
-    if spec.protect_home and writable_inside(home, spec, writable_roots):
-        keep = set(spec.writable_dotfiles)
-        try:
-            entries = list(os.scandir(home))
-        except OSError:
-            entries = []
-        for entry in entries:
-            if entry.name in keep:
-                continue
-            if entry.name.startswith(".") or entry.name in HOME_EXECUTABLE_DIRS:
-                real = os.path.realpath(entry.path)
-                if (os.path.isdir(real) or os.path.isfile(real)) and not any(
-                        _within(root, real) for root in ours):
-                    found.add(real)
+        protect(path)
     return sorted(found)
 
 

@@ -215,7 +215,7 @@ class NamespaceProvisioner(LocalProvisioner):
                 self.log.warning("could not sweep the sockets of servers that died: %s", e)
             else:
                 if files:
-                    self.log.info("removed what %d path(s) servers that died left: %s",
+                    self.log.info("removed %d socket dir(s) and connection file(s) of servers that died: %s",
                                   len(files), ", ".join(files))
         try:
             removed = sweep_stale_cgroups(cgroup_parent)

@@ -10,7 +10,14 @@ import site
 import sys
 
 site.ENABLE_USER_SITE = True
-site.addsitedir(site.getusersitepackages())
+_user_site = site.getusersitepackages()
+try:
+    # made now, so that a package pip installs later in this process's life is
+    # found: Python never looks again at a sys.path entry that was missing
+    os.makedirs(_user_site, exist_ok=True)
+except OSError:
+    pass
+site.addsitedir(_user_site)
 
 
 def _chain() -> None:
