@@ -32,7 +32,8 @@ ffibuilder.cdef(header_declarations())
 ffibuilder.cdef(KERNEL_CONSTANTS)
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
-    '#define _GNU_SOURCE\n#include <sched.h>\n#include <sys/ioctl.h>\n#include "nsexec.h"',
+    # (Python.h, included first, defines _GNU_SOURCE, which the CLONE_* need)
+    '#include <sched.h>\n#include <sys/ioctl.h>\n#include "nsexec.h"',
     # only the clone that starts the helper: the helper itself is a program
     # (setup.py builds it)
     sources=[str(CSRC / "nsclone.c")],

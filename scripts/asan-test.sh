@@ -32,8 +32,4 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 # the tests must load this build, not the installed one
 "$PYTHON" -c "import nsprovisioner._nsexec as m; assert m.__file__.startswith('$SCRATCH'), m.__file__"
 "$PYTHON" -c "import nsprovisioner.initexe as i; assert str(i.INIT_PATH).startswith('$SCRATCH'), i.INIT_PATH"
-# Past the seccomp filter the sanitizer runtime still catches a SIGSEGV and
-# turns it into exit(1) (its own handling needs calls the filter denies), so
-# there the crash tests would test the runtime: they run without it.
-"$PYTHON" -m pytest tests/test_spawn.py -q -p no:cacheprovider "$@" \
-    -k "not (crashing and segv and (send_grandchild_ready or exec or init_))"
+"$PYTHON" -m pytest tests/test_spawn.py -q -p no:cacheprovider "$@"
