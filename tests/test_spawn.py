@@ -210,14 +210,23 @@ def test_orphans_are_reaped_by_the_init(no_leaks: None) -> None:
     assert "Z" not in out.split(), out
 
 
+SHOW_PID_NS = "readlink /proc/self/ns/pid; "  # the init is not dumpable: ask the command
+
+
 def test_kill_of_init_leaves_nothing_in_the_pid_namespace(no_leaks: None) -> None:
     async def main() -> None:
-        proc = await spawn(SandboxSpec(), ["sh", "-c", "sleep 100 & sleep 100 & wait"])
-        ns = os.readlink(f"/proc/{proc.pid}/ns/pid")
+        script = SHOW_PID_NS + "sleep 100 & sleep 100 & wait"
+        proc = await spawn(SandboxSpec(), ["sh", "-c", script], stdout=PIPE)
+        assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        ns = (await loop.run_in_executor(None, proc.stdout.readline)).decode().strip()
         await asyncio.sleep(0.2)
-        assert len(processes_in_pid_ns(ns)) == 4  # init, sh, 2 x sleep
+        # init, sh, 2 x sleep (only root may look at the init's namespaces: it
+        # is not dumpable)
+        assert len(set(processes_in_pid_ns(ns)) | {proc.pid}) == 4
         proc.kill()
         assert await proc.wait() == -signal.SIGKILL
+        proc.close_pipes()
         assert processes_in_pid_ns(ns) == []
     run(main())
 
@@ -239,10 +248,11 @@ def processes_in_pid_ns(ns: str) -> list[int]:
 
 SPAWNER = """
 import asyncio, os, sys
-from nsprovisioner import SandboxSpec, spawn
+from nsprovisioner import PIPE, SandboxSpec, spawn
 async def main():
-    proc = await spawn(SandboxSpec(), ["sleep", "300"])
-    print(os.readlink(f"/proc/{proc.pid}/ns/pid"), flush=True)
+    proc = await spawn(SandboxSpec(), ["sh", "-c", "readlink /proc/self/ns/pid; exec sleep 300"],
+                       stdout=PIPE)
+    print(proc.stdout.readline().decode().strip(), flush=True)
     await proc.wait()
 asyncio.run(main())
 """
