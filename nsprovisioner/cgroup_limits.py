@@ -34,6 +34,15 @@ class Unenforced:
                f"but {why}. Fix: {self.fix}"
 
 
+def default_pids(spec: SandboxSpec) -> bool:
+    """Whether pids.max gets nproc_limit, no pids_limit being set. Linux exempts
+    processes of the host's uid 0 from RLIMIT_NPROC, so a root server's kernels need
+    the cgroup's count; elsewhere a cgroup made for other limits carries it too. A
+    default never fails a start: where the host can't enforce it, it is skipped."""
+    return spec.pids_limit is None and spec.nproc_limit is not None and (
+        os.geteuid() == 0 or spec.memory_bytes is not None or spec.cpu_limit is not None)
+
+
 def limit_values(spec: SandboxSpec) -> dict[str, float]:
     """controller -> the configured value, for the limits that are set."""
     values: dict[str, float] = {}
@@ -41,6 +50,8 @@ def limit_values(spec: SandboxSpec) -> dict[str, float]:
         values["memory"] = spec.memory_bytes
     if spec.pids_limit is not None:
         values["pids"] = spec.pids_limit
+    elif spec.nproc_limit is not None and default_pids(spec):
+        values["pids"] = spec.nproc_limit
     if spec.cpu_limit is not None:
         values["cpu"] = spec.cpu_limit
     return values

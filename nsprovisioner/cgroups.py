@@ -24,7 +24,7 @@ import os
 import secrets
 from typing import TYPE_CHECKING
 
-from .cgroup_limits import Unenforced, fix_for, limit_values, write_limits
+from .cgroup_limits import Unenforced, default_pids, fix_for, limit_values, write_limits
 from .cgroupfs import (
     CgroupHost,
     Hierarchy,
@@ -106,7 +106,7 @@ def create_cgroup(spec: SandboxSpec, name: str | None, *,
             # goes, and can change without a mount event (see _DetectCache): a
             # sandbox with limits looks afresh, at a cost that is small next
             # to its v1 cgroup.procs writes.
-            host = CgroupHost.detect() if spec.has_limits else current_host()
+            host = CgroupHost.detect() if spec.has_limits or default_pids(spec) else current_host()
     except (OSError, ValueError) as e:  # an unreadable or unexpected /proc/self/mountinfo
         log.debug("cgroup hierarchies not found: %s", e)
         host = CgroupHost()
@@ -124,6 +124,8 @@ def create_cgroup(spec: SandboxSpec, name: str | None, *,
             builder.cgroup().kill_and_remove()
             raise
     cgroup = builder.cgroup()
+    if default_pids(spec):
+        builder.problems = [p for p in builder.problems if p.controller != "pids"]
     if builder.problems:
         report = "; ".join(p.describe() for p in builder.problems)
         if spec.strict:

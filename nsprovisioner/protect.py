@@ -38,6 +38,12 @@ if TYPE_CHECKING:
 # Non-dot entries of home that something outside runs from: Debian's
 # ~/.profile puts ~/bin on PATH when it exists.
 HOME_EXECUTABLE_DIRS = ("bin",)
+# Directories of home that tools outside read, made empty when missing (an
+# empty one changes nothing for them) so that they exist to be protected: a
+# kernel can't plant ~/.ssh/authorized_keys, a pip.conf or a cache entry in a
+# home that had none. (A missing dot *file* can't be made so without changing
+# what a shell reads: docs/security.md.)
+HOME_DIRS_MADE = (".ssh", ".config", ".cache", ".local", ".ipython", ".jupyter", "bin")
 
 
 def _within(path: str, top: str) -> bool:
@@ -124,6 +130,8 @@ def protected_paths(spec: SandboxSpec, writable_roots: list[str],
 
     creatable = [os.path.expanduser(p) for p in spec.protected_paths]
     if spec.protect_home:
+        creatable += [os.path.join(home, name) for name in HOME_DIRS_MADE
+                      if name not in spec.writable_dotfiles]
         creatable += server_dirs()
         existing = server_code_paths()
         prefix = interpreter_prefix(argv0) if argv0 else None
