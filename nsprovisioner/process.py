@@ -8,6 +8,7 @@ race-free against pid reuse.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import signal
 from collections.abc import Callable
@@ -17,16 +18,6 @@ from .handshake import readable
 
 if TYPE_CHECKING:
     from .cgroups import SandboxCgroup
-
-
-def off_the_loop(work: Callable[[], None]) -> asyncio.Future[None] | None:
-    """Run blocking `work` in the running loop's executor; at once without a loop."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        work()
-        return None
-    return loop.run_in_executor(None, work)
 
 
 class SandboxProcess:
@@ -48,7 +39,7 @@ class SandboxProcess:
         self.stderr = stderr
         self.cgroup = cgroup
         self._exit_callbacks: list[Callable[[SandboxProcess], None]] = []
-        self._cgroup_removed: asyncio.Future[None] | None = None
+        self._cgroup_removed: concurrent.futures.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<SandboxProcess pid={self.pid} returncode={self.returncode}>"
@@ -88,14 +79,14 @@ class SandboxProcess:
         # exist: the pid namespace died with the init) goes with its cgroup;
         # removing it may wait for killed processes: not on the event loop.
         if self.cgroup is not None:
-            self._cgroup_removed = off_the_loop(self.cgroup.kill_and_remove)
+            self._cgroup_removed = self.cgroup.remove_in_background()
 
     async def wait(self) -> int:
         """Wait for the init to exit (and its cgroup to be removed); its returncode."""
         while self.poll() is None:
             await readable(self.pidfd)
         if self._cgroup_removed is not None:
-            await self._cgroup_removed
+            await asyncio.wrap_future(self._cgroup_removed)
         assert self.returncode is not None
         return self.returncode
 

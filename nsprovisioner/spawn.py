@@ -19,15 +19,16 @@ from contextlib import ExitStack
 from typing import IO, Any
 
 from ._nsexec import ffi, lib
-from .cgroups import SandboxCgroup, create_cgroup
+from .cgroups import SandboxCgroup, create_cgroup, sandbox_dir_name
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
 from .initexe import helper_command
 from .mounts import MountOp, PathPins, plan_mounts
 from .plan import Plan
-from .process import SandboxProcess, off_the_loop
+from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_argv, check_env
+from .sandbox_cgroup import removal_of
 from .seccomp import build_filter
 
 PIPE = subprocess.PIPE
@@ -185,6 +186,8 @@ async def spawn(
     mounts = plan_mounts(spec, workdir, argv0=resolve_command(args[0], environ),
                          pins=path_pins)
     seccomp_filter = build_filter(spec.seccomp, spec.strict)
+    if name:  # a restart: the last start's cgroup of this name must be gone
+        await removal_of(sandbox_dir_name(name))
     cgroup = create_cgroup(spec, name)
     try:
         return await _clone_and_handshake(spec, args, envp, workdir, mounts,
@@ -193,9 +196,7 @@ async def spawn(
                                           (stdin, stdout, stderr), pass_fds)
     except BaseException:
         if cgroup is not None:
-            removed = off_the_loop(cgroup.kill_and_remove)
-            if removed is not None:
-                await asyncio.shield(removed)
+            await asyncio.wrap_future(cgroup.remove_in_background())
         raise
 
 
