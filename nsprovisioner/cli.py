@@ -8,13 +8,14 @@ import errno
 import importlib
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, fields
 from typing import Any
 
 from . import __version__
 from .cgroup_sweep import sweep_stale_cgroups
 from .errors import SandboxError
+from .process import SandboxProcess
 from .sandbox import NETWORKS, SECCOMP_MODES, USERS, SandboxSpec
 from .spawn import spawn
 
@@ -109,24 +110,49 @@ def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
     )
 
 
-async def run_command(spec: SandboxSpec, command: list[str], cwd: str | None) -> int:
-    """Run the command with our stdio; forward the usual signals; its exit status."""
+FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
+                     signal.SIGUSR1, signal.SIGUSR2)
+
+
+async def run_command(spec: SandboxSpec, command: list[str], cwd: str | None,
+                      env: Mapping[str, str] | None = None) -> int:
+    """Run the command with our stdio; forward the usual signals; its exit status.
+
+    The handlers go in before the sandbox starts: a signal that arrives while
+    it starts is delivered to it once it runs, instead of ending us midway.
+    """
     try:  # what an earlier run left when it was SIGKILLed
         sweep_stale_cgroups(spec.cgroup_parent)
     except OSError as e:
         print(f"nsprovisioner: could not sweep stale sandbox cgroups: {e}", file=sys.stderr)
-    proc = await spawn(spec, command, cwd=cwd)
     loop = asyncio.get_running_loop()
-    forwarded = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT,
-                 signal.SIGUSR1, signal.SIGUSR2)
-    for sig in forwarded:
-        loop.add_signal_handler(sig, proc.send_signal, sig)
+    proc: SandboxProcess | None = None
+    pending: list[int] = []
+
+    def forward(sig: int) -> None:
+        if proc is None:
+            pending.append(sig)
+        else:
+            proc.send_signal(sig)
+
+    for sig in FORWARDED_SIGNALS:
+        loop.add_signal_handler(sig, forward, sig)
     try:
+        proc = await spawn(spec, command, cwd=cwd, env=env)
+        for early in pending:
+            proc.send_signal(early)
         code = await proc.wait()
     finally:
-        for sig in forwarded:
+        for sig in FORWARDED_SIGNALS:
             loop.remove_signal_handler(sig)
     return code if code >= 0 else 128 - code
+
+
+def failure_status(e: SandboxError) -> int:
+    """The exit status for a sandbox that did not start, as a shell reports a command's."""
+    if e.step in ("exec", "init_exec"):
+        return 127 if e.errno == errno.ENOENT else 126
+    return 125
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,9 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nsprovisioner: {e}", file=sys.stderr)
         if args.verb != "run":
             return 1
-        if e.step in ("exec", "init_exec"):  # as a shell reports it
-            return 127 if e.errno == errno.ENOENT else 126
-        return 125
+        return failure_status(e)
     except KeyboardInterrupt:
         return 130
 
