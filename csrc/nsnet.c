@@ -18,8 +18,6 @@
  * namespace and makes a mount, uts and ipc namespace of its own there, which
  * the user counters written later (max_*_namespaces = 0) would refuse; and
  * the command starts with its network in place. EOF: the Parent gave up.
- *
- * Raw syscalls only, as everywhere in the stages (see nsexec.c).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,11 +26,12 @@
 #include <linux/netlink.h>
 #include <linux/rtnetlink.h>
 #include <netinet/in.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include "nsnet.h"
-#include "nsxsys.h"
 
 /* Rules run in priority order; the local table's rule is 0, main's 32766. */
 #define NSX_RULE_PRIO_DNS 10
@@ -56,7 +55,7 @@ static void add_attr(struct rule_msg *m, unsigned short type, const void *data,
 }
 
 /* Send one request and wait for its acknowledgement: 0, or -errno. */
-static long talk(long sock, struct rule_msg *m)
+static long talk(int sock, struct rule_msg *m)
 {
     union {
         struct nlmsghdr nh;
@@ -65,21 +64,20 @@ static long talk(long sock, struct rule_msg *m)
     struct nlmsgerr *err;
     long n;
 
-    n = NSX_SYS6(SYS_sendto, sock, m, m->nh.nlmsg_len, 0, NULL, 0);
-    if (n < 0)
-        return n;
+    if (send(sock, m, m->nh.nlmsg_len, 0) < 0)
+        return -errno;
     do {
-        n = NSX_SYS6(SYS_recvfrom, sock, &reply, sizeof(reply), 0, NULL, NULL);
-    } while (n == -EINTR);
+        n = recv(sock, &reply, sizeof(reply), 0);
+    } while (n < 0 && errno == EINTR);
     if (n < 0)
-        return n;
+        return -errno;
     if ((size_t)n < NLMSG_HDRLEN + sizeof(*err) || reply.nh.nlmsg_type != NLMSG_ERROR)
         return -EPROTO;
     err = (struct nlmsgerr *)NLMSG_DATA(&reply.nh);
     return err->error;
 }
 
-static long add_rule(long sock, const struct nsx_net_range *r, int dns, unsigned seq)
+static long add_rule(int sock, const struct nsx_net_range *r, int dns, unsigned seq)
 {
     struct rule_msg m;
     unsigned int prio = dns ? NSX_RULE_PRIO_DNS : NSX_RULE_PRIO_DENY;
@@ -112,26 +110,39 @@ static long add_rule(long sock, const struct nsx_net_range *r, int dns, unsigned
     return talk(sock, &m);
 }
 
-static long add_rules(const struct nsx_net *net)
+static const struct nsx_net_range *ranges(const struct nsx_plan *plan, uint32_t offset,
+                                          int32_t n)
 {
-    long sock, rc = 0;
-    unsigned seq = 1;
-    int i;
+    if (n < 0 || n > 4096 || (offset % 4) ||
+        (uint64_t)offset + sizeof(struct nsx_net_range) * (uint64_t)n > plan->size)
+        return NULL;
+    return (const struct nsx_net_range *)((const char *)plan + offset);
+}
 
-    sock = NSX_SYS3(SYS_socket, AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
+static long add_rules(const struct nsx_plan *plan, const struct nsx_net *net)
+{
+    const struct nsx_net_range *deny = ranges(plan, net->deny, net->n_deny);
+    const struct nsx_net_range *dns = ranges(plan, net->dns, net->n_dns);
+    unsigned seq = 1;
+    long rc = 0;
+    int sock, i;
+
+    if ((net->n_deny && !deny) || (net->n_dns && !dns))
+        return -EPROTO;
+    sock = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_ROUTE);
     if (sock < 0)
-        return sock;
+        return -errno;
     for (i = 0; rc >= 0 && i < net->n_dns; i++)
-        rc = add_rule(sock, &net->dns[i], 1, seq++);
+        rc = add_rule(sock, &dns[i], 1, seq++);
     for (i = 0; rc >= 0 && i < net->n_deny; i++)
-        rc = add_rule(sock, &net->deny[i], 0, seq++);
-    NSX_SYS1(SYS_close, sock);
+        rc = add_rule(sock, &deny[i], 0, seq++);
+    close(sock);
     return rc;
 }
 
 static long send_namespaces(int sock)
 {
-    int fds[2] = {-1, -1};
+    int fds[2];
     union {
         struct cmsghdr align;
         char buf[CMSG_SPACE(sizeof(fds))];
@@ -142,14 +153,13 @@ static long send_namespaces(int sock)
     char tag = 'n';
     long rc;
 
-    rc = NSX_SYS4(SYS_openat, AT_FDCWD, "/proc/self/ns/net", O_RDONLY | O_CLOEXEC, 0);
-    if (rc < 0)
+    if ((fds[0] = open("/proc/self/ns/net", O_RDONLY | O_CLOEXEC)) < 0)
+        return -errno;
+    if ((fds[1] = open("/proc/self/ns/user", O_RDONLY | O_CLOEXEC)) < 0) {
+        rc = -errno;
+        close(fds[0]);
         return rc;
-    fds[0] = (int)rc;
-    rc = NSX_SYS4(SYS_openat, AT_FDCWD, "/proc/self/ns/user", O_RDONLY | O_CLOEXEC, 0);
-    if (rc < 0)
-        goto out;
-    fds[1] = (int)rc;
+    }
     memset(&control, 0, sizeof(control));
     memset(&msg, 0, sizeof(msg));
     iov.iov_base = &tag;
@@ -164,31 +174,35 @@ static long send_namespaces(int sock)
     cmsg->cmsg_len = CMSG_LEN(sizeof(fds));
     memcpy(CMSG_DATA(cmsg), fds, sizeof(fds));
     do {
-        rc = NSX_SYS3(SYS_sendmsg, sock, &msg, MSG_NOSIGNAL);
+        rc = nsx_rc(sendmsg(sock, &msg, MSG_NOSIGNAL));
     } while (rc == -EINTR);
-out:
-    if (fds[0] >= 0)
-        NSX_SYS1(SYS_close, fds[0]);
-    if (fds[1] >= 0)
-        NSX_SYS1(SYS_close, fds[1]);
+    close(fds[0]);
+    close(fds[1]);
     return rc < 0 ? rc : 0;
 }
 
-long nsx_net_setup(const struct nsx_net *net)
+long nsx_net_setup(const struct nsx_start *start)
 {
-    long rc = add_rules(net);
+    const struct nsx_plan *plan = start->plan;
+    const struct nsx_net *net = (const struct nsx_net *)((const char *)plan + plan->net);
+    long rc;
     char ack;
+    int sock;
 
-    if (rc < 0 || net->ns_sock < 0)  /* no stack (strict = false): loopback only */
-        return rc;
-    rc = send_namespaces(net->ns_sock);
+    if ((plan->net % 4) || (uint64_t)plan->net + sizeof(*net) > plan->size ||
+        net->ns_sock >= start->n_fds)
+        return -EPROTO;
+    if ((rc = add_rules(plan, net)) < 0 || net->ns_sock < 0)
+        return rc;  /* no stack (strict = false): loopback only */
+    sock = start->fds[net->ns_sock];
+    rc = send_namespaces(sock);
     if (rc >= 0) {
         do {
-            rc = NSX_SYS6(SYS_recvfrom, net->ns_sock, &ack, 1, 0, NULL, NULL);
+            rc = nsx_rc(recv(sock, &ack, 1, 0));
         } while (rc == -EINTR);
         if (rc == 0)
             rc = -ECONNABORTED;
     }
-    NSX_SYS1(SYS_close, net->ns_sock);
+    close(sock);
     return rc < 0 ? rc : 0;
 }

@@ -1,13 +1,13 @@
 /*
- * The GrandChild's egress network step (nsnet.c). Internal to the C code:
- * Python builds struct nsx_net through nsexec.h.
+ * The GrandChild's egress network step (nsnet.c), inside the helper.
  */
 #ifndef NSPROV_NSNET_H
 #define NSPROV_NSNET_H
 
-#include "nsexec.h"
+#include "nsstage.h"
 
-/* Add the rules, hand the namespaces over; 0, or -errno. Async-signal-safe. */
-long nsx_net_setup(const struct nsx_net *net);
+/* plan->net: add the rules, hand the namespaces over, wait for the stack;
+ * 0, or -errno. */
+long nsx_net_setup(const struct nsx_start *start);
 
 #endif

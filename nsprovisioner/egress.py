@@ -31,7 +31,6 @@ from collections.abc import Iterable
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
-from ._nsexec import ffi
 from .errors import SandboxError
 from .handshake import readable
 
@@ -127,14 +126,9 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
-def _ranges(nets: list[Network], keep: list[Any]) -> Any:
-    arr = ffi.new("struct nsx_net_range[]", max(len(nets), 1))
-    for i, n in enumerate(nets):
-        arr[i].family = socket.AF_INET if n.version == 4 else socket.AF_INET6
-        arr[i].addr = list(n.network_address.packed.ljust(16, b"\0"))
-        arr[i].prefix = n.prefixlen
-    keep.append(arr)
-    return arr
+def _range(n: Network) -> tuple[int, bytes, int]:
+    return (socket.AF_INET if n.version == 4 else socket.AF_INET6, n.network_address.packed,
+            n.prefixlen)
 
 
 class Egress:
@@ -147,7 +141,6 @@ class Egress:
             if strict:
                 raise SandboxError(message, step="network", hint=PASTA_FIX)
             _warn_once(f"{message}: kernels get loopback only ({PASTA_FIX})")
-        self._keep: list[Any] = []
         self.parent_sock, self.child_sock = socket.socketpair(socket.AF_UNIX,
                                                               socket.SOCK_SEQPACKET)
         self.proc: subprocess.Popen[bytes] | None = None
@@ -158,16 +151,16 @@ class Egress:
         stack.callback(self.close_child_end)
         stack.push(lambda failed, *_: self.stop() if failed else None)
 
-    def config(self) -> Any:
-        """struct nsx_net for cfg.net; kept alive by this object."""
-        net = ffi.new("struct nsx_net *")
-        net.deny = _ranges(self.deny, self._keep)
-        net.n_deny = len(self.deny)
-        net.dns = _ranges([ipaddress.ip_network(DNS_FORWARDER)], self._keep)
-        net.n_dns = 1
-        net.ns_sock = self.child_sock.fileno() if self.pasta else -1
-        self._keep.append(net)
-        return net
+    def plan_fields(self, sock_index: int) -> dict[str, Any]:
+        """Plan's net_* fields: the rules, and where the GrandChild's end of our
+        socket is among the fds passed with the plan (see passed_fd)."""
+        return {"net_deny": [_range(n) for n in self.deny],
+                "net_dns": [_range(ipaddress.ip_network(DNS_FORWARDER))],
+                "net_sock": sock_index if self.pasta else -1}
+
+    def passed_fd(self) -> list[int]:
+        """The fd to pass with the plan (none without a stack)."""
+        return [self.child_sock.fileno()] if self.pasta else []
 
     def close_child_end(self) -> None:
         self.child_sock.close()
