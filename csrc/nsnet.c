@@ -13,11 +13,9 @@
  *
  * Then the GrandChild sends its network and user namespaces to the Parent
  * (SCM_RIGHTS): opening /proc/<pid>/ns/... from outside needs ptrace access,
- * which a non-dumpable sandbox refuses to an unprivileged server. It waits
- * for the Parent's one-byte answer that pasta is up: pasta joins our user
- * namespace and makes a mount, uts and ipc namespace of its own there, which
- * the user counters written later (max_*_namespaces = 0) would refuse; and
- * the command starts with its network in place. EOF: the Parent gave up.
+ * which a non-dumpable sandbox refuses to an unprivileged server, and goes
+ * on at once: pasta starts while the sandbox is set up and the kernel
+ * starts, and the Parent hands the kernel over only once pasta is up.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -186,7 +184,6 @@ long nsx_net_setup(const struct nsx_start *start)
     const struct nsx_plan *plan = start->plan;
     const struct nsx_net *net = (const struct nsx_net *)((const char *)plan + plan->net);
     long rc;
-    char ack;
     int sock;
 
     if ((plan->net % 4) || (uint64_t)plan->net + sizeof(*net) > plan->size ||
@@ -196,13 +193,6 @@ long nsx_net_setup(const struct nsx_start *start)
         return rc;  /* no stack (strict = false): loopback only */
     sock = start->fds[net->ns_sock];
     rc = send_namespaces(sock);
-    if (rc >= 0) {
-        do {
-            rc = nsx_rc(recv(sock, &ack, 1, 0));
-        } while (rc == -EINTR);
-        if (rc == 0)
-            rc = -ECONNABORTED;
-    }
     close(sock);
-    return rc < 0 ? rc : 0;
+    return rc;
 }

@@ -6,8 +6,7 @@
 
 #include "nsstage.h"
 
-/* plan->net: add the rules, hand the namespaces over, wait for the stack;
- * 0, or -errno. */
+/* plan->net: add the rules, hand the namespaces over; 0, or -errno. */
 long nsx_net_setup(const struct nsx_start *start);
 
 #endif

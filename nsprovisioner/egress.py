@@ -27,7 +27,7 @@ import os
 import shutil
 import socket
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +54,12 @@ ALWAYS_DENIED = ("0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16", "224.0.0.0/4",
 DNS_FORWARDER = "169.254.1.1"
 RESOLV_CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "egress-resolv.conf")
 READY_TIMEOUT = 10.0
+# pasta joins the sandbox's user namespace and makes a mount, uts and ipc
+# namespace of its own there, possibly after the sandbox has written its
+# counters: these kinds get room for it. The kernel can't use that room: it
+# would need CAP_SYS_ADMIN in a user namespace, and it may make none.
+PASTA_NAMESPACES = {"max_mnt_namespaces": 8, "max_uts_namespaces": 8,
+                    "max_ipc_namespaces": 8}
 PASTA_FIX = "install passt (apt-get install passt), which provides pasta"
 
 
@@ -126,6 +132,12 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
+def egress_counters(counters: Mapping[str, int]) -> dict[str, int]:
+    """The sandbox's user counters with room for pasta's own namespaces."""
+    return {**counters, **{name: max(counters.get(name, value), value)
+                           for name, value in PASTA_NAMESPACES.items()}}
+
+
 def _range(n: Network) -> tuple[int, bytes, int]:
     return (socket.AF_INET if n.version == 4 else socket.AF_INET6, n.network_address.packed,
             n.prefixlen)
@@ -175,7 +187,7 @@ class Egress:
         try:
             await self._attach()
         except BaseException:
-            self.parent_sock.close()  # EOF: the GrandChild fails, the handshake ends
+            self.parent_sock.close()
             raise
 
     async def _receive_namespaces(self) -> tuple[int, int] | None:
@@ -244,28 +256,6 @@ class Egress:
         finally:
             os.close(ready_r)
             os.close(log)
-        await self._isolated(self.proc.pid)
-        self.parent_sock.send(b"1")  # the GrandChild goes on
-
-    async def _isolated(self, pid: int) -> None:
-        """Wait until pasta has made its own mount, uts and ipc namespaces (right after
-        writing its pid) inside the sandbox's user namespace, where the counters the
-        GrandChild writes next forbid them. pasta makes itself non-dumpable after
-        that, which hides its namespaces from an unprivileged server: that too means
-        it is done."""
-        ours = os.readlink("/proc/self/ns/mnt")
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + READY_TIMEOUT
-        while loop.time() < deadline:
-            try:
-                if os.readlink(f"/proc/{pid}/ns/mnt") != ours:
-                    return
-            except PermissionError:
-                return
-            except FileNotFoundError:
-                break
-            await asyncio.sleep(0.001)
-        raise SandboxError("pasta did not isolate itself", step="network", hint=PASTA_FIX)
 
     def reraise(self) -> None:
         """The sandbox failed: pasta's own error, when that is why."""

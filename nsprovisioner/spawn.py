@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from ._nsexec import ffi, lib
 from .cgroups import SandboxCgroup, create_cgroup, sandbox_dir_name
-from .egress import Egress
+from .egress import Egress, egress_counters
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps
@@ -71,7 +71,8 @@ def user_counters(spec: SandboxSpec) -> list[tuple[str, str]]:
     """(file, value) for the /proc/sys/user counters this host has, lowered only: a
     value above the host's own per-user limit would mean nothing."""
     out = []
-    for name, value in spec.user_counters.items():
+    wanted = egress_counters(spec.user_counters) if spec.network == "egress" else spec.user_counters
+    for name, value in wanted.items():
         path = os.path.join(USER_COUNTERS_DIR, name)
         try:
             with open(path, "rb") as f:
