@@ -13,7 +13,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from . import __version__
-from .cgroup_sweep import sweep_stale_cgroups
+from .cgroup_layout import sweep_stale_cgroups
 from .errors import SandboxError
 from .process import SandboxProcess
 from .sandbox import NETWORKS, SECCOMP_MODES, USERS, SandboxSpec
