@@ -296,6 +296,8 @@ _Noreturn void nsx_run_grandchild(struct nsx_start *start)
              "sethostname", hostname);
     if (cwd)
         STEP(NSX_STEP_CHDIR, nsx_rc(chdir(cwd)), "chdir to", cwd);
+    if (plan->net)
+        STEP(NSX_STEP_NETWORK, nsx_net_wait(start), "wait for the egress network", NULL);
     STEP(NSX_STEP_FDS, setup_fds(start), "set up fds", NULL);
     STEP(NSX_STEP_FDS, reset_signals(), "reset signal handlers", NULL);
     STEP(NSX_STEP_RLIMITS, set_rlimits(plan), "setrlimit", NULL);

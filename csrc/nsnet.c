@@ -13,9 +13,10 @@
  *
  * Then the GrandChild sends its network and user namespaces to the Parent
  * (SCM_RIGHTS): opening /proc/<pid>/ns/... from outside needs ptrace access,
- * which a non-dumpable sandbox refuses to an unprivileged server, and goes
- * on at once: pasta starts while the sandbox is set up and the kernel
- * starts, and the Parent hands the kernel over only once pasta is up.
+ * which a non-dumpable sandbox refuses to an unprivileged server. The rest
+ * of the sandbox is set up while pasta starts; before the command runs,
+ * nsx_net_wait() waits for the Parent's one byte saying pasta is up, so that
+ * the command starts with its network in place. EOF: the Parent gave up.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -192,7 +193,23 @@ long nsx_net_setup(const struct nsx_start *start)
     if ((rc = add_rules(plan, net)) < 0 || net->ns_sock < 0)
         return rc;  /* no stack (strict = false): loopback only */
     sock = start->fds[net->ns_sock];
-    rc = send_namespaces(sock);
+    return send_namespaces(sock);
+}
+
+long nsx_net_wait(const struct nsx_start *start)
+{
+    const struct nsx_plan *plan = start->plan;
+    const struct nsx_net *net = (const struct nsx_net *)((const char *)plan + plan->net);
+    long rc;
+    char ack;
+    int sock;
+
+    if (net->ns_sock < 0)
+        return 0;
+    sock = start->fds[net->ns_sock];
+    do {
+        rc = nsx_rc(recv(sock, &ack, 1, 0));
+    } while (rc == -EINTR);
     close(sock);
-    return rc;
+    return rc == 0 ? -ECONNABORTED : rc < 0 ? rc : 0;
 }

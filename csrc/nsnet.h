@@ -9,4 +9,7 @@
 /* plan->net: add the rules, hand the namespaces over; 0, or -errno. */
 long nsx_net_setup(const struct nsx_start *start);
 
+/* Wait until the Parent says the stack is up (nsx_net_setup ran); 0, or -errno. */
+long nsx_net_wait(const struct nsx_start *start);
+
 #endif

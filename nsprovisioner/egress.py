@@ -187,7 +187,7 @@ class Egress:
         try:
             await self._attach()
         except BaseException:
-            self.parent_sock.close()
+            self.parent_sock.close()  # EOF: the GrandChild fails, the handshake ends
             raise
 
     async def _receive_namespaces(self) -> tuple[int, int] | None:
@@ -256,6 +256,7 @@ class Egress:
         finally:
             os.close(ready_r)
             os.close(log)
+        self.parent_sock.send(b"1")  # the GrandChild may let the command run
 
     def reraise(self) -> None:
         """The sandbox failed: pasta's own error, when that is why."""
