@@ -197,6 +197,9 @@ struct nsx_net {
     int32_t ns_sock;         /* index among the fds passed with the plan of a
                               * SOCK_SEQPACKET socket that receives the two
                               * namespaces; -1: no stack, loopback only */
+    int32_t wait;            /* 1: the command starts only once the Parent says
+                              * the stack is up; 0: the Parent waits for it
+                              * before handing the sandbox over (a kernel) */
 };
 
 struct nsx_plan {

@@ -14,9 +14,12 @@
  * Then the GrandChild sends its network and user namespaces to the Parent
  * (SCM_RIGHTS): opening /proc/<pid>/ns/... from outside needs ptrace access,
  * which a non-dumpable sandbox refuses to an unprivileged server. The rest
- * of the sandbox is set up while pasta starts; before the command runs,
- * nsx_net_wait() waits for the Parent's one byte saying pasta is up, so that
- * the command starts with its network in place. EOF: the Parent gave up.
+ * of the sandbox is set up while pasta starts. With net->wait, before the
+ * command runs, nsx_net_wait() waits for the Parent's one byte saying pasta
+ * is up, so that the command starts with its network in place (EOF: the
+ * Parent gave up). Without it (a Jupyter kernel, whose code arrives only
+ * after the Parent hands it over, once pasta is up) the kernel starts while
+ * pasta does.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -193,7 +196,10 @@ long nsx_net_setup(const struct nsx_start *start)
     if ((rc = add_rules(plan, net)) < 0 || net->ns_sock < 0)
         return rc;  /* no stack (strict = false): loopback only */
     sock = start->fds[net->ns_sock];
-    return send_namespaces(sock);
+    rc = send_namespaces(sock);
+    if (!net->wait)
+        close(sock);
+    return rc;
 }
 
 long nsx_net_wait(const struct nsx_start *start)
@@ -204,7 +210,7 @@ long nsx_net_wait(const struct nsx_start *start)
     char ack;
     int sock;
 
-    if (net->ns_sock < 0)
+    if (net->ns_sock < 0 || !net->wait)
         return 0;
     sock = start->fds[net->ns_sock];
     do {

@@ -146,7 +146,8 @@ def _range(n: Network) -> tuple[int, bytes, int]:
 class Egress:
     """One sandbox's egress network: its rules (for C), its pasta, and their end."""
 
-    def __init__(self, spec_deny: Iterable[str], strict: bool, stack: ExitStack) -> None:
+    def __init__(self, spec_deny: Iterable[str], strict: bool, stack: ExitStack, *,
+                 before_exec: bool = True) -> None:
         self.pasta = pasta_path()
         if self.pasta is None:
             message = "network 'egress' needs pasta, which is not installed"
@@ -158,6 +159,7 @@ class Egress:
         self.proc: subprocess.Popen[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
         self.deny = denied_networks(spec_deny)
+        self.before_exec = before_exec
         # our end and the pasta are dropped if the spawn fails; the
         # GrandChild's end goes in any case once the clone has its copy
         stack.callback(self.close_child_end)
@@ -168,7 +170,7 @@ class Egress:
         socket is among the fds passed with the plan (see passed_fd)."""
         return {"net_deny": [_range(n) for n in self.deny],
                 "net_dns": [_range(ipaddress.ip_network(DNS_FORWARDER))],
-                "net_sock": sock_index if self.pasta else -1}
+                "net_sock": sock_index if self.pasta else -1, "net_wait": self.before_exec}
 
     def passed_fd(self) -> list[int]:
         """The fd to pass with the plan (none without a stack)."""
@@ -256,7 +258,8 @@ class Egress:
         finally:
             os.close(ready_r)
             os.close(log)
-        self.parent_sock.send(b"1")  # the GrandChild may let the command run
+        if self.before_exec:
+            self.parent_sock.send(b"1")  # the GrandChild may let the command run
 
     def reraise(self) -> None:
         """The sandbox failed: pasta's own error, when that is why."""

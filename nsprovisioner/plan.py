@@ -115,6 +115,7 @@ class Plan:
     net_deny: Sequence[tuple[int, bytes, int]] | None = None  # None: not egress
     net_dns: Sequence[tuple[int, bytes, int]] = ()
     net_sock: int = -1  # index among the passed fds; -1: no stack
+    net_wait: bool = True  # the command starts once the stack is up
 
     def _net(self, data: _Data) -> int:
         """struct nsx_net and its ranges in the data area; its offset, 0 for none."""
@@ -133,6 +134,7 @@ class Plan:
         net.deny, net.n_deny = ranges(self.net_deny), len(self.net_deny)
         net.dns, net.n_dns = ranges(self.net_dns), len(self.net_dns)
         net.ns_sock = self.net_sock
+        net.wait = int(self.net_wait)
         return data.add(bytes(ffi.buffer(net)), align=4)
 
     def encode(self) -> bytes:

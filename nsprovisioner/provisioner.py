@@ -255,7 +255,9 @@ class NamespaceProvisioner(LocalProvisioner):
         try:
             proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
                                stdin=DEVNULL, stdout=stdout, stderr=stderr,
-                               name=self.kernel_id, path_pins=self.path_pins)
+                               name=self.kernel_id, path_pins=self.path_pins,
+                               # a kernel runs notebook code only once launched
+                               network_before_exec=False)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()

@@ -154,6 +154,7 @@ async def spawn(
     pass_fds: Sequence[int] = (),
     name: str | None = None,
     path_pins: PathPins | None = None,
+    network_before_exec: bool = True,
     _fault_step: str | None = None,
     _fault_kind: str = "eio",
 ) -> SandboxProcess:
@@ -164,6 +165,9 @@ async def spawn(
     `path_pins`: what the configured paths resolved to at the first of a
     series of starts (a kernel and its restarts); a path that resolves
     elsewhere now fails the start.
+    `network_before_exec` (network "egress"): the command starts once pasta is
+    up. False lets it start meanwhile; spawn() still returns only once pasta is
+    up (a kernel, whose code arrives after that).
     `_fault_step` (tests only) makes the named step fail, in the way
     `_fault_kind` names: "eio", "segv", "abrt", or "memory" (the stage runs
     into its cgroup's memory limit).
@@ -204,7 +208,8 @@ async def spawn(
         return await _clone_and_handshake(spec, args, envp, workdir, mounts,
                                           seccomp_filter, cgroup, fault,
                                           FAULT_KINDS[_fault_kind], deny_setgroups,
-                                          (stdin, stdout, stderr), pass_fds)
+                                          (stdin, stdout, stderr), pass_fds,
+                                          network_before_exec)
     except BaseException:
         if cgroup is not None:
             await asyncio.wrap_future(cgroup.remove_in_background())
@@ -216,6 +221,7 @@ async def _clone_and_handshake(
     workdir: str, mounts: Sequence[MountOp], seccomp_filter: bytes | None,
     cgroup: SandboxCgroup | None, fault: int, fault_kind: int, deny_setgroups: bool,
     stdio_specs: tuple[Stdio, Stdio, Stdio], pass_fds: Sequence[int],
+    network_before_exec: bool,
 ) -> SandboxProcess:
     with ExitStack() as stack:
         stdio = _Stdio(stack)
@@ -234,7 +240,8 @@ async def _clone_and_handshake(
         stack.callback(child.close)
         stack.callback(grandchild.close)
 
-        egress = Egress(spec.egress_deny, spec.strict, stack) if spec.network == "egress" else None
+        egress = (Egress(spec.egress_deny, spec.strict, stack, before_exec=network_before_exec)
+                  if spec.network == "egress" else None)
         plan = Plan(
             parent_pid=os.getpid(),
             unshare_flags=sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS),
