@@ -19,6 +19,7 @@ from dataclasses import fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .devices import gpu_env
 from .errors import SandboxError
 from .protect import sandbox_state_env, state_paths
 from .sandbox import SandboxSpec
@@ -94,6 +95,8 @@ def sandboxed_kernel_env(env: Mapping[str, str], keep: Sequence[str],
     # parent poller for PID 1 and, seeing a parent at all, prints no
     # "standalone kernel" banner into the server's log.
     out["JPY_PARENT_PID"] = "1"
+    # CUDA and ROCm number the GPUs they can open inside from 0 (devices.py)
+    out.update(gpu_env(spec))
     out.update(sandbox_state_env(state_paths(spec, kernelspec_name), out))
     return out
 
