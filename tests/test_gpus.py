@@ -223,14 +223,19 @@ def test_a_kernel_gets_its_gpu_and_matching_environment(
         try:
             await kc.wait_for_ready(timeout=30)
             return await execute_ok(kc, textwrap.dedent("""
-                import os
-                print(os.environ["CUDA_VISIBLE_DEVICES"], os.environ["ROCR_VISIBLE_DEVICES"],
-                      sorted(n for n in os.listdir("/dev") if n.startswith("nvidia")))
+                import json, os
+                print(json.dumps([os.environ.get(k) for k in (
+                    "CUDA_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "CUDA_CACHE_PATH",
+                    "XDG_CACHE_HOME")] + [sorted(n for n in os.listdir("/dev")
+                                                 if n.startswith("nvidia"))]))
             """))
         finally:
             kc.stop_channels()
             await km.shutdown_kernel(now=True)
 
-    assert run(check()).split() == [
-        "0", "0", "['nvidia-caps',", "'nvidia-modeset',", "'nvidia-uvm',",
-        "'nvidia-uvm-tools',", "'nvidia1',", "'nvidiactl']"]
+    cuda, rocr, cuda_cache, cache, nodes = json.loads(run(check()))
+    assert (cuda, rocr) == ("0", "0")
+    assert nodes == ["nvidia-caps", "nvidia-modeset", "nvidia-uvm", "nvidia-uvm-tools",
+                     "nvidia1", "nvidiactl"]
+    # CUDA's JIT cache in the sandbox's state, not home's read-only ~/.nv
+    assert cuda_cache == os.path.join(cache, "nv")
