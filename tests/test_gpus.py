@@ -26,6 +26,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from nsprovisioner import SandboxError, SandboxSpec
+from nsprovisioner.cgroupfs import V1_CONTROLLERS
 from nsprovisioner.devices import DEVICE_ROOT_ENV
 from nsprovisioner.doctor import HostFacts, _gpu_facts, check_gpus
 from nsprovisioner.mounts import PROC_MASKED_DIRS, PROC_MASKED_FILES, PROC_READONLY
@@ -239,3 +240,9 @@ def test_a_kernel_gets_its_gpu_and_matching_environment(
                      "nvidia1", "nvidiactl"]
     # CUDA's JIT cache in the sandbox's state, not home's read-only ~/.nv
     assert cuda_cache == os.path.join(cache, "nv")
+
+
+def test_the_host_devices_cgroup_stays_in_charge() -> None:
+    # on v1 a kernel never leaves its server's devices cgroup (nor gets a
+    # device filter of its own on v2: nothing here attaches BPF programs)
+    assert "devices" not in V1_CONTROLLERS
