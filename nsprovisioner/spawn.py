@@ -25,6 +25,7 @@ from .idmap import IdRange, check_helper_map, needs_helper, write_id_maps
 from .initexe import init_memfd, init_path
 from .mounts import MountOp, PathPins, plan_mounts
 from .process import SandboxProcess
+from .protect import SANDBOX_SITE, sandbox_state_env, state_paths
 from .sandbox import SandboxSpec, check_argv, check_env
 from .seccomp import build_filter
 
@@ -273,6 +274,13 @@ async def spawn(
         raise SandboxError(f"spec must be a SandboxSpec, not {type(spec).__name__}")
     args = check_argv(argv)
     environ = dict(os.environ if env is None else env)
+    # Home's dot entries are read-only inside (protect.py): tools write their
+    # caches and state into the sandbox's state dir instead, unless the
+    # caller (the provisioner, for one kernelspec) already said where.
+    for key, value in sandbox_state_env(state_paths(spec, "default"), environ).items():
+        if key not in environ or (key == "PYTHONPATH" and SANDBOX_SITE not in
+                                  environ[key].split(os.pathsep)):
+            environ[key] = value
     envp = check_env(environ)
     workdir = check_cwd(cwd)
     fault = 0

@@ -338,7 +338,9 @@ def test_bad_path_is_a_clear_error_before_clone(no_leaks: None, key: str, value:
     assert info.value.step is None  # raised in Python, nothing was cloned
 
 
-def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir: Path) -> None:
+def test_ipython_history_and_caches_in_the_state_dir(no_leaks: None, home: Path,
+                                                     workdir: Path) -> None:
+    """Home's dot entries are read-only; the sandbox's state dir takes what tools write."""
     r = probe(SandboxSpec(), """
         import subprocess
         proc = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--HistoryManager.enabled=True",
@@ -356,10 +358,12 @@ def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir:
     code, stdout, stderr = r["ipython"]
     assert code == 0 and stdout.endswith("42"), stderr
     assert "warn" not in stderr.lower() and "warn" not in r["stderr"].lower(), stderr
-    assert list(home.glob(".ipython/profile_*/history.sqlite"))
+    state = home / ".local/share/nsprovisioner/sandbox"
+    assert list(state.glob("ipython/profile_*/history.sqlite"))
+    assert not (home / ".ipython/profile_default/history.sqlite").exists()
     code, cachedir, stderr = r["mpl"]
     assert code == 0, stderr
-    assert cachedir.startswith(str(home)) and "warn" not in stderr.lower(), stderr
+    assert cachedir.startswith(str(state)) and "warn" not in stderr.lower(), stderr
     assert list(Path(cachedir).glob("fontlist*.json"))
 
 

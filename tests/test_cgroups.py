@@ -845,7 +845,8 @@ def test_fake_v2_other_processes_in_the_parent_are_named(tmp_path: Path) -> None
 def test_fake_v2_without_limits_leaves_the_parent_alone(tmp_path: Path) -> None:
     fake = FakeCgroupfs(tmp_path, own="/app", controllers="memory pids", delegated="memory pids")
     fake.add_process("/app", os.getpid())
-    cgroup = create_cgroup(SandboxSpec(), "k", host=fake)
+    # (nproc_limit's pids.max default, which a root server's sandboxes get, is a limit)
+    cgroup = create_cgroup(SandboxSpec(nproc_limit=None), "k", host=fake)
     assert cgroup is not None
     try:
         assert fake.pids("/app") == [os.getpid()], "no limit: the server is not moved"
