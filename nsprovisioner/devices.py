@@ -51,7 +51,7 @@ _RENDER = re.compile(r"renderD(\d+)")
 
 def device_root() -> str:
     """The host directory that is /dev for device lookups: /dev, unless a test says otherwise."""
-    return os.environ.get(DEVICE_ROOT_ENV) or "/dev"
+    return os.path.normpath(os.environ.get(DEVICE_ROOT_ENV) or "/dev")
 
 
 def _is_char_device(path: str) -> bool:

@@ -112,7 +112,9 @@ def test_only_the_chosen_gpu_appears(full: Path, no_leaks: None) -> None:
     assert "nvidiactl" in gpus and "nvidia-uvm" in gpus
 
 
-def test_a_device_is_bound_at_the_same_path(full: Path, no_leaks: None) -> None:
+def test_a_device_is_bound_at_the_same_path(full: Path, no_leaks: None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEVICE_ROOT_ENV, f"{full}/")
     r = probe(SandboxSpec(devices=["/dev/fuse", "/dev/nvidia-caps/*"]), LIST_DEV)
     assert [p for p in r["dev"] if p in ALL_NODES] == [
         "fuse", "nvidia-caps/nvidia-cap1", "nvidia-caps/nvidia-cap2"]
