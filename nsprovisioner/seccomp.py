@@ -17,6 +17,7 @@ from typing import Any
 
 from cffi import FFI
 
+from ._nsexec import lib as kernel
 from .errors import SandboxError
 
 log = logging.getLogger(__name__)
@@ -49,9 +50,9 @@ SCMP_FLTATR_CTL_OPTIMIZE = 8
 OPTIMIZE_BINARY_TREE = 2
 SCMP_CMP_MASKED_EQ = 7
 NR_SCMP_ERROR = -1
-CLONE_NEWUSER = 0x10000000
-TIOCSTI = 0x5412
-TIOCLINUX = 0x541C
+CLONE_NEWUSER = kernel.CLONE_NEWUSER
+TIOCSTI = kernel.TIOCSTI
+TIOCLINUX = kernel.TIOCLINUX
 
 # Calls no kernel needs that reach into the host kernel's shared state, or
 # would let code inside rearrange its own mounts (every mount is already

@@ -457,12 +457,25 @@ def test_same_name_twice_gets_two_cgroups(no_leaks: None, no_cgroup_left: None) 
 
 
 @pytest.mark.parametrize("step", ["write_id_maps", "cgroup_attach", "clone_grandchild",
-                                  "unshare_cgroup", "exec"])
+                                  "unshare_cgroup", "init_exec"])
 def test_no_cgroup_left_after_failed_launch(step: str, no_leaks: None,
                                             no_cgroup_left: None) -> None:
     _need(CANT_LIMIT)
     with pytest.raises(SandboxError):
         run(spawn(LIMITS, ["true"], _fault_step=step))
+    assert not our_groups()
+
+
+@pytest.mark.parametrize("step, kind", [("unshare_user", "segv"), ("mount", "abrt"),
+                                        ("init_fork", "segv"),
+                                        ("unshare_namespaces", "memory")])
+def test_no_cgroup_left_after_a_stage_crashed(step: str, kind: str, no_leaks: None,
+                                              no_cgroup_left: None) -> None:
+    """A stage killed by a signal or by its cgroup's memory limit (64M: the
+    stage touches up to 256 MiB) takes nothing of the server's with it."""
+    _need(CANT_LIMIT)
+    with pytest.raises(SandboxError, match="killed by SIG"):
+        run(spawn(LIMITS, ["true"], _fault_step=step, _fault_kind=kind))
     assert not our_groups()
 
 
