@@ -164,7 +164,7 @@ def choose_gpus(gpus: str | Sequence[int], host: HostGpus) -> GpuChoice:
             choice.missing.append(f"GPU {', '.join(map(str, absent))}")
     if nvidia:
         choice.nodes += [f"nvidia{n}" for n in nvidia]
-        choice.nodes += [n for n in host.nvidia_shared]
+        choice.nodes += host.nvidia_shared
         choice.missing += [f"{host.root}/{n}" for n in NVIDIA_REQUIRED
                            if n not in host.nvidia_shared]
         choice.env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, range(len(nvidia))))

@@ -27,7 +27,7 @@ from jupyter_client.manager import AsyncKernelManager
 
 from nsprovisioner import SandboxError, SandboxSpec
 from nsprovisioner.cgroupfs import V1_CONTROLLERS
-from nsprovisioner.devices import DEVICE_ROOT_ENV
+from nsprovisioner.devices import DEVICE_ROOT_ENV, HostGpus, choose_gpus
 from nsprovisioner.doctor import HostFacts, _gpu_facts, check_gpus
 from nsprovisioner.mounts import PROC_MASKED_DIRS, PROC_MASKED_FILES, PROC_READONLY
 
@@ -248,3 +248,16 @@ def test_the_host_devices_cgroup_stays_in_charge() -> None:
     # on v1 a kernel never leaves its server's devices cgroup (nor gets a
     # device filter of its own on v2: nothing here attaches BPF programs)
     assert "devices" not in V1_CONTROLLERS
+
+
+def test_each_stack_gets_its_nodes_and_only_its_variable() -> None:
+    intel = HostGpus("/dev", render=("dri/renderD128", "dri/renderD129"))
+    choice = choose_gpus([1], intel)
+    assert (choice.nodes, choice.env, choice.missing) == (["dri/renderD129"], {}, [])
+    mixed = HostGpus("/dev", nvidia=(0, 1), nvidia_shared=("nvidiactl", "nvidia-uvm"),
+                     kfd=True, render=("dri/renderD128",))
+    assert choose_gpus([1], mixed).missing == ["GPU 1"]  # no second AMD GPU
+    choice = choose_gpus([0], mixed)
+    assert choice.nodes == ["nvidia0", "nvidiactl", "nvidia-uvm", "dri/renderD128", "kfd"]
+    assert choice.env == {"CUDA_VISIBLE_DEVICES": "0", "ROCR_VISIBLE_DEVICES": "0"}
+    assert choose_gpus("all", HostGpus("/dev")).missing == ["gpus = all: no GPU node found"]
