@@ -27,13 +27,33 @@ KERNEL_CONSTANTS = """
 #define TIOCLINUX ...
 """
 
+# libseccomp's numbers and struct, from its header (seccomp.py loads the
+# library itself at run time, so a host without it can still run sandboxes
+# without a filter).
+LIBSECCOMP_DECLARATIONS = """
+#define SCMP_ACT_ALLOW ...
+#define __NR_SCMP_ERROR ...
+enum scmp_filter_attr { SCMP_FLTATR_CTL_OPTIMIZE, ... };
+enum scmp_compare { SCMP_CMP_MASKED_EQ, ... };
+struct scmp_arg_cmp {
+    unsigned int arg;
+    enum scmp_compare op;
+    uint64_t datum_a;
+    uint64_t datum_b;
+    ...;
+};
+uint32_t nsx_scmp_act_errno(uint16_t err);
+"""
+
 ffibuilder = FFI()
 ffibuilder.cdef(header_declarations())
 ffibuilder.cdef(KERNEL_CONSTANTS)
+ffibuilder.cdef(LIBSECCOMP_DECLARATIONS)
 ffibuilder.set_source(
     "nsprovisioner._nsexec",
     # (Python.h, included first, defines _GNU_SOURCE, which the CLONE_* need)
-    '#include <sched.h>\n#include <sys/ioctl.h>\n#include "nsexec.h"',
+    '#include <sched.h>\n#include <sys/ioctl.h>\n#include <seccomp.h>\n#include "nsexec.h"\n'
+    "static uint32_t nsx_scmp_act_errno(uint16_t err) { return SCMP_ACT_ERRNO(err); }",
     # only the clone that starts the helper: the helper itself is a program
     # (setup.py builds it)
     sources=[str(CSRC / "nsclone.c")],

@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from . import __version__
-from .cgroup_sweep import sweep_stale_cgroups
+from .cgroup_layout import sweep_stale_cgroups
 from .devices import gpu_env
 from .errors import SandboxError
 from .process import SandboxProcess

@@ -24,7 +24,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
-from .cgroup_sweep import sweep_stale_cgroups
+from .cgroup_layout import sweep_stale_cgroups
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
 from .ipcdir import (

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .cgroup_layout import group_lock
 from .cgroupfs import CgroupHost, Hierarchy, parse_keyed, read_keyed, read_pids
 from .errors import SandboxError
 
@@ -30,9 +31,6 @@ FREEZE_TIMEOUT = 2.0
 # Accounting files only cgroup v1 has (v2: memory.events, memory.current, cpu.stat)
 V1_ONLY_FILES = frozenset({"memory.oom_control", "memory.usage_in_bytes", "cpuacct.usage"})
 
-# Held while group directories are made or removed, so that one sandbox's
-# removal can't rmdir the group another thread is creating a sandbox in.
-group_lock = threading.Lock()
 
 # Removal waits for killed processes to exit, so it runs off the event loop;
 # a restarted kernel reuses its directory name, so its start waits for the

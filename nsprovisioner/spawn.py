@@ -19,7 +19,8 @@ from contextlib import ExitStack
 from typing import IO, Any
 
 from ._nsexec import ffi, lib
-from .cgroups import SandboxCgroup, create_cgroup, sandbox_dir_name
+from .cgroup_layout import sandbox_dir_name
+from .cgroups import SandboxCgroup, create_cgroup
 from .errors import STEP_VALUES, SandboxError
 from .handshake import Handshake, SyncChannel, run_handshake
 from .idmap import check_helper_map, needs_helper, write_id_maps

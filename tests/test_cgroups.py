@@ -29,7 +29,12 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroup_sweep import sweep_stale_cgroups
+from nsprovisioner.cgroup_layout import (
+    SERVER_LEAF,
+    group_name,
+    parent_directory,
+    sweep_stale_cgroups,
+)
 from nsprovisioner.cgroupfs import (
     CgroupHost,
     Hierarchy,
@@ -37,12 +42,7 @@ from nsprovisioner.cgroupfs import (
     pid_namespace_id,
     process_start_time,
 )
-from nsprovisioner.cgroups import (
-    SERVER_LEAF,
-    create_cgroup,
-    group_name,
-    parent_directory,
-)
+from nsprovisioner.cgroups import create_cgroup
 from nsprovisioner.process import SandboxProcess
 from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
 

@@ -202,11 +202,13 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
         assert limits == [str(PIDS_LIMIT)]
 
         # interrupt_mode "signal": the client's SIGINT goes to the launcher
-        kc.execute(SLEEP)
+        msg_id = kc.execute(SLEEP)
         while kc.get_iopub_msg(timeout=10)["msg_type"] != "stream":
             pass  # until the cell runs: a SIGINT before that may not reach it
         os.kill(proc.pid, signal.SIGINT)
         reply = kc.get_shell_msg(timeout=10)
+        while reply["parent_header"].get("msg_id") != msg_id:  # a queued kernel_info reply
+            reply = kc.get_shell_msg(timeout=10)
         assert reply["content"]["ename"] == "KeyboardInterrupt"
 
         # SIGTERM, as a client ends a kernel: the kernel's status, and nothing left
@@ -261,11 +263,14 @@ def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path,
             assert not any(cmdline(p)[0].startswith("nsinit") for p in children(kernel))
             assert not any(MODULE in cmdline(p) for p in children(os.getpid()))
 
-            kc.execute(SLEEP)
+            msg_id = kc.execute(SLEEP)
             while (await kc.get_iopub_msg(timeout=10))["msg_type"] != "stream":
                 pass
             await km.interrupt_kernel()
+            # (wait_for_ready may have left a kernel_info reply queued first)
             reply = await kc.get_shell_msg(timeout=10)
+            while reply["parent_header"].get("msg_id") != msg_id:
+                reply = await kc.get_shell_msg(timeout=10)
             assert reply["content"]["ename"] == "KeyboardInterrupt"
         finally:
             kc.stop_channels()

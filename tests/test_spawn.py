@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroup_sweep import sweep_stale_cgroups
+from nsprovisioner.cgroup_layout import sweep_stale_cgroups
 from nsprovisioner.errors import STEP_NAMES
 from nsprovisioner.idmap import subordinate_ranges
 
