@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import errno
 import importlib
+import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 from . import __version__
 from .cgroup_layout import sweep_stale_cgroups
+from .devices import gpu_env
 from .errors import SandboxError
 from .process import SandboxProcess
 from .sandbox import NETWORKS, SECCOMP_MODES, USERS, SandboxSpec
@@ -84,6 +86,14 @@ def add_sandbox_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"the sandbox's own writable state (default {DEFAULTS['state_dir']})")
     g.add_argument("--seccomp", choices=SECCOMP_MODES, default=DEFAULTS["seccomp"],
                    help="the default seccomp filter, or none")
+    g = p.add_argument_group("devices")
+    g.add_argument("--device", action="append", metavar="PATH", dest="devices",
+                   help="a host device node (or glob) under /dev to bind at the same path "
+                   "(repeatable), e.g. /dev/fuse")
+    g.add_argument("--gpus", default=DEFAULTS["gpus"], metavar="all|none|0,1",
+                   help="the host's GPUs to bind with the nodes their drivers need: none, "
+                   "all, or indices (default: "
+                   f"{DEFAULTS['gpus']}); sets CUDA_VISIBLE_DEVICES/ROCR_VISIBLE_DEVICES")
     g = p.add_argument_group("resource limits")
     g.add_argument("--memory-limit", metavar="SIZE", help="memory (and swap) limit, e.g. 512M")
     g.add_argument("--cpu-limit", type=float, metavar="CORES", help="CPU limit in cores, e.g. 0.5")
@@ -110,6 +120,7 @@ def spec_from_args(args: argparse.Namespace) -> SandboxSpec:
         private_tmp=args.private_tmp, private_run=args.private_run, tmp_size=args.tmp_size,
         protect_home=args.protect_home,
         protected_paths=args.protected_paths or DEFAULTS["protected_paths"],
+        devices=args.devices or DEFAULTS["devices"], gpus=args.gpus,
         state_dir=args.state_dir, nproc_limit=args.nproc_limit,
         seccomp=args.seccomp, memory_limit=args.memory_limit,
         cpu_limit=args.cpu_limit, pids_limit=args.pids_limit,
@@ -195,7 +206,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 command = command[1:]
             if not command:
                 parser.error("run: give the command after --, e.g. nsprovisioner run -- bash")
-            return asyncio.run(run_command(spec_from_args(args), command, args.cwd))
+            spec = spec_from_args(args)
+            # the command's GPUs are numbered as the sandbox sees them (devices.py)
+            env = {**os.environ, **gpu_env(spec)} if spec.gpus != "none" else None
+            return asyncio.run(run_command(spec, command, args.cwd, env=env))
         module = importlib.import_module(VERB_MODULES[args.verb][0])
         result: int = module.main(args)
         return result

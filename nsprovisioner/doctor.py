@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cgroupfs import CgroupHost
+from .devices import choose_gpus, detect_gpus
 from .egress import PASTA_FIX, pasta_path, pasta_version
 from .errors import SandboxError
 from .idmap import subordinate_ranges
@@ -83,6 +84,9 @@ class HostFacts:
     pasta: str | None = None            # network = "egress"'s stack, its path
     pasta_version: str | None = None
     egress_error: str | None = None     # None: an egress sandbox started
+    gpus: str = ""                                  # HostGpus.describe()
+    gpu_nodes: list[str] = field(default_factory=list)
+    gpu_missing: list[str] = field(default_factory=list)  # what `gpus = "all"` lacks
 
 
 @dataclass
@@ -194,6 +198,14 @@ def _cgroup_facts() -> CgroupFacts:
     return facts
 
 
+def _gpu_facts(facts: HostFacts) -> None:
+    host = detect_gpus()
+    facts.gpus = host.describe()
+    choice = choose_gpus("all", host)
+    facts.gpu_nodes = [f"{host.root}/{node}" for node in choice.nodes]
+    facts.gpu_missing = choice.missing if host.any else []
+
+
 def gather_facts() -> HostFacts:
     """Look at this host (creates a few short-lived sandboxes)."""
     facts = HostFacts(kernel=platform.release(), euid=os.geteuid())
@@ -223,6 +235,7 @@ def gather_facts() -> HostFacts:
         facts.libseccomp_error = str(e)
     facts.container = _container()
     facts.pasta, facts.pasta_version = pasta_path(), pasta_version()
+    _gpu_facts(facts)
     if facts.init_present and facts.pidfd:
         asyncio.run(_probe_namespaces(facts))
     else:
@@ -399,9 +412,20 @@ def check_egress(f: HostFacts) -> Check:
     return Check("egress network", "PASS", f"{version}; an egress sandbox started")
 
 
+def check_gpus(f: HostFacts) -> list[Check]:
+    if f.gpu_missing:
+        return [Check("GPUs", "WARN", f"{f.gpus}; gpus = 'all' lacks "
+                      f"{', '.join(f.gpu_missing)}",
+                      "load the driver's modules so that its nodes exist before kernels "
+                      "start (nvidia-modprobe -u -c=0 makes /dev/nvidia-uvm)")]
+    if not f.gpu_nodes:
+        return [Check("GPUs", "PASS", f"{f.gpus}: gpus = 'all' binds nothing")]
+    return [Check("GPUs", "PASS", f"{f.gpus}; gpus = 'all' binds {', '.join(f.gpu_nodes)}")]
+
+
 def diagnose(facts: HostFacts) -> list[Check]:
     return (check_kernel(facts) + check_namespaces(facts) + check_id_helpers(facts)
-            + check_cgroups(facts) + check_rest(facts))
+            + check_cgroups(facts) + check_rest(facts) + check_gpus(facts))
 
 
 def can_run_kernel(checks: list[Check]) -> bool:

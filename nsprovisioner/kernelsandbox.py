@@ -19,6 +19,7 @@ from dataclasses import fields, replace
 from fnmatch import fnmatchcase
 from typing import Any
 
+from .devices import gpu_env
 from .errors import SandboxError
 from .protect import sandbox_state_env, state_paths
 from .sandbox import SandboxSpec
@@ -94,7 +95,14 @@ def sandboxed_kernel_env(env: Mapping[str, str], keep: Sequence[str],
     # parent poller for PID 1 and, seeing a parent at all, prints no
     # "standalone kernel" banner into the server's log.
     out["JPY_PARENT_PID"] = "1"
+    # CUDA and ROCm number the GPUs they can open inside from 0 (devices.py)
+    out.update(gpu_env(spec))
     out.update(sandbox_state_env(state_paths(spec, kernelspec_name), out))
+    if spec.gpus != "none" and "XDG_CACHE_HOME" in out:
+        # CUDA's JIT cache and Triton's kernels would go to home's read-only dot
+        # entries (~/.nv, ~/.triton): slow starts, or torch.compile failing
+        out.setdefault("CUDA_CACHE_PATH", os.path.join(out["XDG_CACHE_HOME"], "nv"))
+        out.setdefault("TRITON_CACHE_DIR", os.path.join(out["XDG_CACHE_HOME"], "triton"))
     return out
 
 

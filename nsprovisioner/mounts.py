@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from ._nsexec import lib
+from .devices import DeviceBind, plan_devices
 from .egress import RESOLV_CONF
 from .errors import SandboxError
 from .protect import interpreter_prefix, protected_paths
@@ -302,9 +303,16 @@ class _Planner:
         self.add(lib.NSX_MNT_CHMOD, HIDDEN_FILE, mountflags=0)
         self.add(lib.NSX_MNT_MOUNT, NEWROOT, source=OLDROOT, mountflags=MS_BIND | MS_REC)
 
-    def dev(self) -> None:
-        """A /dev with only harmless nodes, bound from the host (mknod needs real root)."""
+    def dev(self, devices: list[DeviceBind]) -> None:
+        """A /dev with only harmless nodes and the configured devices, bound from the
+        host (mknod needs real root), then read-only."""
         self.ops += _fixed_ops(_Planner._dev)
+        self.ours["/dev"] = (f"{NEWROOT}/dev", 0o755)
+        for device in devices:
+            self.mount_point(device.inside, False)
+            self.bind(device.inside, OLDROOT + device.source,
+                      MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOEXEC, device.identity)
+        self.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/dev", mountflags=MOUNT_ATTR_RDONLY)
 
     def proc(self) -> None:
         """A /proc of the sandbox's pid namespace, with the host-revealing parts masked."""
@@ -324,7 +332,6 @@ class _Planner:
         self.add(lib.NSX_MNT_MKDIR, f"{NEWROOT}/dev/shm")
         for source, name in DEV_LINKS:
             self.add(lib.NSX_MNT_SYMLINK, f"{NEWROOT}/dev/{name}", source=source)
-        self.add(lib.NSX_MNT_SETATTR, f"{NEWROOT}/dev", mountflags=MOUNT_ATTR_RDONLY)
 
     def dev_shm(self, size: str) -> None:
         self.add(lib.NSX_MNT_MOUNT, f"{NEWROOT}/dev/shm", source="tmpfs", fstype="tmpfs",
@@ -391,6 +398,7 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
     interpreter = _hidden_interpreter(spec, argv0)
     if interpreter is not None and interpreter not in user_paths:
         user_paths[interpreter] = "readonly"
+    devices = plan_devices(spec, lambda path: _sandbox_can_write(spec, path, user_paths))
     p = _Planner()
     p.ops += _fixed_ops(_Planner._staging)
     if spec.readonly_root:
@@ -408,7 +416,7 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
     entries += [(_depth(path), 1, path) for path in user_paths]
     for _, rank, path in sorted(entries):
         if rank == 0:
-            _plan_own(p, spec, path)
+            _plan_own(p, spec, path, devices)
             continue
         kind = user_paths[path]
         visible_below = kind == "hidden" and any(
@@ -443,9 +451,21 @@ def _hidden_interpreter(spec: SandboxSpec, argv0: str | None) -> str | None:
     return real if hidden else None
 
 
-def _plan_own(p: _Planner, spec: SandboxSpec, path: str) -> None:
+def _sandbox_can_write(spec: SandboxSpec, path: str, paths: dict[str, str]) -> bool:
+    """Whether the sandbox could change host `path` (the most specific rule wins)."""
+    if _within(path, "/dev"):
+        return False  # the sandbox's /dev is its own tmpfs: the host's is out of reach
+    enclosing = [top for top in paths if _within(path, top)]
+    if enclosing:
+        return paths[max(enclosing, key=len)] in ("readwrite", "pin")
+    own = (*(("/tmp", "/var/tmp") if spec.private_tmp else ()),
+           *(("/run",) if spec.private_run else ()))
+    return not spec.readonly_root and not any(_within(path, top) for top in own)
+
+
+def _plan_own(p: _Planner, spec: SandboxSpec, path: str, devices: list[DeviceBind]) -> None:
     if path == "/dev":
-        p.dev()
+        p.dev(devices)
     elif path == "/dev/shm":
         p.dev_shm(spec.tmpfs_size)
     elif path == "/run":

@@ -103,6 +103,11 @@ class NamespaceProvisioner(LocalProvisioner):
     hidden_paths = List(Unicode(), default_value=[], config=True,
                         help="paths replaced by an empty, unreadable mount")
     private_tmp = Bool(True, config=True, help="a private /tmp and /var/tmp")
+    devices = List(Unicode(), default_value=[], config=True,
+                   help="host device nodes or globs under /dev bound at the same path")
+    gpus = Union([Unicode(), List(Int())], default_value="none", config=True,
+                 help="GPUs to bind with the nodes their drivers need: 'none', 'all' or "
+                 "a list of indices")
     private_run = Bool(True, config=True,
                        help="a private /run: the host's Unix sockets there are out of reach")
     tmp_size = Union([Unicode(), Int()], default_value=DEFAULT_TMP_SIZE, config=True,

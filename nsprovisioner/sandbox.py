@@ -23,6 +23,7 @@ DEFAULT_NAMESPACES = ("user", "pid", "mount", "ipc", "uts", "cgroup")
 USERS = ("self", "root")
 NETWORKS = ("host", "none", "egress")
 SECCOMP_MODES = ("default", "off")
+GPU_CHOICES = ("none", "all")
 DEFAULT_READWRITE = ("~", "{cwd}")
 MEMORY_UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 DEFAULT_STATE_DIR = "~/.local/share/nsprovisioner/sandbox"
@@ -70,6 +71,9 @@ class SandboxSpec:
     private_tmp: bool = True
     private_run: bool = True
     tmp_size: str | int = DEFAULT_TMP_SIZE
+    # host device nodes bound into the sandbox's /dev (devices.py)
+    devices: Sequence[str] = ()
+    gpus: str | Sequence[int] = "none"
     # what a kernel may not change for anything outside (protect.py)
     protect_home: bool = True
     protected_paths: Sequence[str] = ()
@@ -110,6 +114,8 @@ class SandboxSpec:
                 if not isinstance(path, str) or not path or "\0" in path:
                     raise SandboxError(f"{key} entry {path!r} must be a non-empty path")
             object.__setattr__(self, key, paths)
+        object.__setattr__(self, "devices", _check_devices(self.devices))
+        object.__setattr__(self, "gpus", parse_gpus(self.gpus))
         object.__setattr__(self, "memory_bytes", parse_memory(self.memory_limit))
         object.__setattr__(self, "tmpfs_size", parse_tmp_size(self.tmp_size))
         self._check_state()
@@ -216,6 +222,34 @@ class SandboxSpec:
                 "add it to the map or use user 'root'"
             )
         return inside
+
+
+def _check_devices(value: object) -> tuple[str, ...]:
+    entries = _as_tuple(value, "devices")
+    for entry in entries:
+        if (not isinstance(entry, str) or not entry.startswith("/dev/") or "\0" in entry
+                or any(part in ("", ".", "..") for part in entry[len("/dev/"):].split("/"))):
+            raise SandboxError(f"devices entry {entry!r} must be a path or glob under /dev, "
+                               "e.g. /dev/fuse or /dev/dri/renderD*")
+    return tuple(str(e) for e in entries)
+
+
+def parse_gpus(value: object) -> str | tuple[int, ...]:
+    """"none", "all", or GPU indices (a list, or "0,1" as on the command line)."""
+    if value in GPU_CHOICES:
+        return str(value)
+    indices: list[object] = []
+    if isinstance(value, str):
+        indices = [int(p) if p.strip().isdigit() else p for p in value.split(",")]
+    elif isinstance(value, Iterable) and not isinstance(value, bytes):
+        indices = list(value)
+    if not indices or any(isinstance(i, bool) or not isinstance(i, int) or i < 0
+                          for i in indices):
+        raise SandboxError(f"gpus must be 'none', 'all' or a list of GPU indices such as "
+                           f"[0, 1] (\"0,1\"), not {value!r}")
+    if len(set(indices)) != len(indices):
+        raise SandboxError(f"gpus lists an index twice: {value!r}")
+    return tuple(sorted(int(str(i)) for i in indices))
 
 
 def parse_memory(value: object) -> int | None:

@@ -25,13 +25,14 @@ fi
 # installed package, and so that the test user can read them.
 WORK=$(mktemp -d /tmp/nsprov-tests.XXXXXX)
 TEST_USER="nsprovci$$"
+GPU_NODES=""
 cleanup() {
     local uid
     uid=$(id -u "$TEST_USER" 2>/dev/null) || uid=""
     pkill -KILL -u "$TEST_USER" 2>/dev/null || true
     userdel -r "$TEST_USER" >/dev/null 2>&1 || true
     # the user's pytest tmp and kernel-socket parent outlive it otherwise
-    rm -rf "$WORK" "/tmp/pytest-of-$TEST_USER" ${uid:+"/tmp/nsprov-$uid"}
+    rm -rf "$WORK" "/tmp/pytest-of-$TEST_USER" ${uid:+"/tmp/nsprov-$uid"} ${GPU_NODES:+"$GPU_NODES"}
 }
 trap cleanup EXIT
 cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$REPO/csrc" "$WORK/"
@@ -53,10 +54,15 @@ echo "== tests as the unprivileged user $TEST_USER"
 useradd --create-home --shell /bin/bash "$TEST_USER"
 grep -q "^$TEST_USER:" /etc/subuid || usermod --add-subuids 200000-265535 --add-subgids 200000-265535 "$TEST_USER"
 chown -R "$TEST_USER" "$WORK"
+# Stand-in GPU nodes (tests/gpu_nodes.py): mknod needs root, so root makes them
+# here, in the host's /dev (never nodev), and the user's tests bind them.
+GPU_NODES=$(mktemp -d /dev/nsprov-gpu-test.XXXXXX)
+(cd "$WORK" && "$VENV/bin/python" -m tests.gpu_nodes "$GPU_NODES")
 # The user's run happens inside a cgroup subtree delegated to it, as systemd's
 # Delegate=yes does, so that rootless kernels with limits work and are tested.
 bash "$WORK/tests/delegate_cgroups.sh" "$TEST_USER" -- \
     env -i HOME="/home/$TEST_USER" USER="$TEST_USER" LOGNAME="$TEST_USER" LANG=C.UTF-8 \
     PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" NSPROV_REQUIRE_CGROUPS=1 \
+    NSPROV_TEST_GPU_NODES="$GPU_NODES" \
     bash -c "cd '$WORK' && exec python -m pytest tests -q -p no:cacheprovider" || status=1
 exit $status
