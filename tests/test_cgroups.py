@@ -651,6 +651,29 @@ def test_cli_limit_that_cant_be_enforced_strict_and_not(no_cgroup_left: None) ->
     assert err.count("without some limits") == 1
 
 
+def test_undelegated_user_gets_the_fix_and_starts_without_limits(
+        no_leaks: None, no_cgroup_left: None) -> None:
+    """A user whose cgroup root owns (a login session without Delegate=yes)."""
+    if os.geteuid() == 0 or CANT_LIMIT is None:
+        reason = "only for a user without a delegated cgroup"
+        if os.environ.get("NSPROV_EXPECT_UNDELEGATED") == "1":
+            pytest.fail(f"{reason}, and CI runs this as one (scripts/vm-guest.sh)")
+        pytest.skip(reason)
+    with pytest.raises(SandboxError) as e:
+        run(spawn(SandboxSpec(memory_limit="64M"), ["true"]))
+    message = str(e.value)
+    assert "memory_limit needs the memory controller" in message, message
+    assert "Delegate=yes" in message, "the documented fix (docs/troubleshooting.md)"
+    assert not our_groups(), "a failed start leaves no group"
+
+    async def go() -> tuple[int, str]:
+        proc = await start(SandboxSpec(), "print('ok')")
+        async with running(proc):
+            return await finish(proc)
+
+    assert run(go()) == (0, "ok\n")
+
+
 def test_no_limits_never_block_a_start(no_leaks: None, no_cgroup_left: None) -> None:
     async def go() -> tuple[int, str]:
         # a parent no hierarchy can make: no cgroup at all, and still a sandbox
@@ -842,10 +865,30 @@ def test_fake_v2_other_processes_in_the_parent_are_named(tmp_path: Path) -> None
     assert "no-internal-processes" in str(e.value)
 
 
+def test_fake_v2_threaded_controllers_never_go_where_processes_are(tmp_path: Path) -> None:
+    """Linux would take +pids +cpu here and make /app a thread root (found on a real v2 host)."""
+    fake = FakeCgroupfs(tmp_path, own="/app", controllers="cpu memory pids",
+                        delegated="cpu memory pids")
+    fake.add_process("/app", os.getpid())
+    fake.add_process("/app", 4242)
+    with pytest.raises(SandboxError) as e:
+        create_cgroup(SandboxSpec(pids_limit=5, cpu_limit=0.5), "k", host=fake)
+    assert "holds processes (4242)" in str(e.value)
+    assert (tmp_path / "app/cgroup.subtree_control").read_text() == ""
+    fake.add_process("/", 4242)  # the session's other process goes: now the server can leave
+    cgroup = create_cgroup(SandboxSpec(pids_limit=5, cpu_limit=0.5), "k", host=fake)
+    assert cgroup is not None
+    try:
+        assert (tmp_path / "app" / group_name() / "k" / "pids.max").read_text() == "5"
+    finally:
+        cgroup.kill_and_remove()
+
+
 def test_fake_v2_without_limits_leaves_the_parent_alone(tmp_path: Path) -> None:
     fake = FakeCgroupfs(tmp_path, own="/app", controllers="memory pids", delegated="memory pids")
     fake.add_process("/app", os.getpid())
-    cgroup = create_cgroup(SandboxSpec(), "k", host=fake)
+    # no nproc_limit either: a root server's kernels get it as pids.max (default_pids)
+    cgroup = create_cgroup(SandboxSpec(nproc_limit=None), "k", host=fake)
     assert cgroup is not None
     try:
         assert fake.pids("/app") == [os.getpid()], "no limit: the server is not moved"
