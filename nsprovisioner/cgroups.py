@@ -85,10 +85,13 @@ def parent_directory(h: Hierarchy, cgroup_parent: str) -> str | None:
     own = h.directory(h.own_path)
     if own is None:
         return None
-    # An earlier sandbox moved the server into its own leaf: the parent is
-    # still the cgroup the server started in.
+    # An earlier sandbox moved the server into its own leaf, or this process
+    # was started by a server there (a terminal, `nsprovisioner run` from a
+    # notebook, a test's subprocess): the parent is still the cgroup the
+    # server started in, which holds no process now. The leaf itself holds
+    # the server: no controller could be enabled for a group below it.
     group = os.path.dirname(own)
-    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group) == group_name():
+    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group).startswith(GROUP_PREFIX):
         return os.path.dirname(group)
     return own
 
@@ -262,17 +265,17 @@ class _Builder:
                             fix_for("writable", "", parent), e.errno or 0)
             return controllers
         missing = controllers - enabled
-        if missing and self.holds_processes(parent):
-            # The no-internal-processes rule, checked before any write: Linux
-            # takes a threaded controller (cpu, pids) into a cgroup that holds
-            # processes, and that makes it a thread root, in which memory
-            # then fails with EOPNOTSUPP and below which no domain cgroup can
-            # be made. So the server leaves first, and with other processes
-            # there nothing is written.
-            if not self.leave(parent) or self.holds_processes(parent):
-                for c in sorted(missing):
-                    self.enable_failed(parent, c, OSError(errno.EBUSY, os.strerror(errno.EBUSY)))
-                return missing
+        # The no-internal-processes rule, checked before any write: Linux
+        # takes a threaded controller (cpu, pids) into a cgroup that holds
+        # processes, and that makes it a thread root, in which memory then
+        # fails with EOPNOTSUPP and below which no domain cgroup can be made.
+        # So the server leaves first, and with other processes there nothing
+        # is written.
+        if missing and self.holds_processes(parent) and (
+                not self.leave(parent) or self.holds_processes(parent)):
+            for c in sorted(missing):
+                self.enable_failed(parent, c, OSError(errno.EBUSY, os.strerror(errno.EBUSY)))
+            return missing
         failed = set()
         for c in sorted(missing):
             try:

@@ -13,13 +13,13 @@
 set -euo pipefail
 VENV=$1 WORK=$2
 CG=/sys/fs/cgroup
-PYTEST=(-m pytest -q -p no:cacheprovider --tb=short)
+PYTEST=(-m pytest -q -p no:cacheprovider --tb=short --durations=5)
 
 echo "== vm: $(uname -r), cgroup2 controllers: $(cat $CG/cgroup.controllers)"
 [ "$(stat -f -c %T $CG)" = cgroup2fs ] || { echo "vm: $CG is not cgroup2" >&2; exit 1; }
 [ ! -e /sys/fs/cgroup/unified ] || { echo "vm: not a pure cgroup-v2 host" >&2; exit 1; }
 
-# What depends on the cgroup version or on delegation (see docs/testing.md).
+# What depends on the cgroup version or on delegation (README.md, "Run the whole test suite").
 CGROUP_TESTS=(
     tests/test_cgroups.py
     tests/test_kernel_limits.py
@@ -44,6 +44,13 @@ mkdir -p "/home/$user"
 chown "$user:$user" "/home/$user"
 
 status=0
+# A pass's cgroup, depth first. What the tests leave is their failure
+# (no_cgroup_left); what stays here is the empty leaf each server moved into
+# (cgroups.py), which the next server's sweep would remove.
+remove() {
+    find "$1" -depth -type d -exec rmdir {} + 2>/dev/null ||
+        { echo "vm: $1 is not empty: $(find "$1" -type d)" >&2; status=1; }
+}
 pass() {  # name seconds-since-start
     echo "== vm: $1 passed in $(( SECONDS - $2 )) s"
 }
@@ -56,7 +63,7 @@ t=$SECONDS
 (cd "$WORK" && NSPROV_REQUIRE_CGROUPS=1 sh -c \
     'echo $$ > '"$CG"'/nsprov-vm.service/cgroup.procs && exec "$0" "$@"' \
     "$VENV/bin/python" "${PYTEST[@]}" "${CGROUP_TESTS[@]}") && pass root $t || status=1
-rmdir $CG/nsprov-vm.service || { echo "vm: the root pass left cgroups" >&2; status=1; }
+remove $CG/nsprov-vm.service
 
 echo "== vm: tests as $user in a delegated subtree (cgroup_parent = \"auto\")"
 chown -R "$user" "$WORK"
@@ -76,7 +83,7 @@ t=$SECONDS
     env -i HOME="/home/$user" USER="$user" LOGNAME="$user" LANG=C.UTF-8 \
     PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" NSPROV_EXPECT_UNDELEGATED=1 \
     python "${PYTEST[@]}" "${UNDELEGATED_TESTS[@]}") && pass undelegated $t || status=1
-rmdir $CG/nsprov-vm-session.scope || { echo "vm: the undelegated pass left cgroups" >&2; status=1; }
+remove $CG/nsprov-vm-session.scope
 
 left=$(find $CG -mindepth 1 -type d -name 'nsprov-*' -o -mindepth 1 -type d -name 'delegate-*')
 [ -z "$left" ] || { echo "vm: cgroups left behind: $left" >&2; status=1; }

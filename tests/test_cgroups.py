@@ -92,8 +92,19 @@ V2_WRITABLE = _v2_writable()
 
 
 def our_groups(pid: int | None = None) -> list[tuple[Hierarchy, str]]:
-    """The group directories of `pid` (default: this process) in every hierarchy."""
-    return groups_named(group_name(pid))
+    """The group directories of `pid` (default: this process) in every hierarchy.
+
+    Not this process's group while it holds only the leaf that cgroup v2 made
+    this process move into (cgroups.py): that lives as long as the process.
+    """
+    found = groups_named(group_name(pid))
+    if pid is None:
+        found = [(h, g) for h, g in found if set(subdirs(g)) != {SERVER_LEAF}]
+    return found
+
+
+def subdirs(group: str) -> list[str]:
+    return [e.name for e in os.scandir(group) if e.is_dir()]
 
 
 def groups_named(prefix: str) -> list[tuple[Hierarchy, str]]:
@@ -112,7 +123,7 @@ def no_cgroup_left() -> Iterator[None]:
     yield
     left = our_groups()
     for h, group in left:
-        dirs = [CgroupDir(e.path, h) for e in os.scandir(group) if e.is_dir()]
+        dirs = [CgroupDir(os.path.join(group, n), h) for n in subdirs(group) if n != SERVER_LEAF]
         SandboxCgroup(HOST, dirs, [group]).kill_and_remove()
     assert not left, f"cgroups left behind: {[g for _, g in left]}"
 
@@ -824,6 +835,10 @@ def test_fake_v2_enables_controllers_moves_the_server_and_writes_limits(
         second = create_cgroup(LIMITS, "k2", host=fake)
         assert second is not None and second.paths == [str(group / "k2")]
         second.kill_and_remove()
+        # and so does a process another server started (it is in that server's leaf)
+        fake.own = f"/user.slice/app/nsprov-0-1-2-3/{SERVER_LEAF}"
+        assert fake.v2 is not None
+        assert parent_directory(fake.v2, "auto") == str(app)
         (sandbox / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
         assert cgroup.oom_kill_count() == 1
     finally:
