@@ -52,8 +52,10 @@ echo "== vm: setup $(( SECONDS - start )) s; booting $kernel (qemu without KVM)"
 
 # virtme-ng finds its helpers (virtme-run ...) on PATH. The VM gets both CPUs
 # of a 2-core CI machine: the cpu limit test needs two to tell 0.5 from busy.
+# Through a pipe: qemu opens /proc/self/fd/1 (and 2) anew, with O_TRUNC, which
+# on a log file would erase everything CI wrote before.
 status=0
 PATH="$VNG_VENV/bin:$PATH" timeout 1200 vng --disable-kvm --run "$kernel" --memory 4G --cpus 2 \
-    --cwd "$WORK" -- bash "$WORK/scripts/vm-guest.sh" "$VENV" "$WORK" || status=$?
+    --cwd "$WORK" -- bash "$WORK/scripts/vm-guest.sh" "$VENV" "$WORK" 2>&1 | cat || status=$?
 echo "== vm: the pure cgroup-v2 pass took $(( SECONDS - start )) s (status $status)"
 exit $status
