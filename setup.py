@@ -1,8 +1,10 @@
-"""Build glue: the cffi extension (csrc/nsexec.c) and the init executable.
+"""Build glue: the cffi extension (csrc/nsclone.c) and the helper program.
 
-The init (csrc/nsinit.c) is a program of its own, not a module: it is
-compiled and linked with the same compiler setuptools uses for extensions and
-placed next to the package's modules as ``nsprovisioner/nsinit``.
+The helper (csrc/nsinit.c and the stages it runs) is a program of its own,
+not a module: it is compiled and linked with the same compiler setuptools
+uses for extensions and placed next to the package's modules as
+``nsprovisioner/nsinit``. Warnings don't fail a user's build; CI adds
+-Werror through CFLAGS.
 """
 import os
 
@@ -10,7 +12,9 @@ from setuptools import setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import LinkError
 
-C_FLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"]
+C_FLAGS = ["-O2", "-Wall", "-Wextra", "-std=gnu11"]
+HELPER_SOURCES = ["csrc/nsinit.c", "csrc/nschild.c", "csrc/nsgrandchild.c", "csrc/nsmount.c",
+                  "csrc/nssync.c"]
 
 
 class BuildWithInit(build_ext):
@@ -22,12 +26,12 @@ class BuildWithInit(build_ext):
         out_dir = "nsprovisioner" if self.inplace else os.path.join(self.build_lib, "nsprovisioner")
         os.makedirs(out_dir, exist_ok=True)
         objects = self.compiler.compile(
-            ["csrc/nsinit.c"], output_dir=self.build_temp, include_dirs=["csrc"],
+            HELPER_SOURCES, output_dir=self.build_temp, include_dirs=["csrc"],
             extra_postargs=C_FLAGS,
         )
         try:
-            # static: every sandbox start execs the init, and a static one
-            # skips the dynamic loader's work
+            # static: every sandbox start execs the helper, and a static one
+            # skips the dynamic loader's work and shares its pages through the memfd
             self.compiler.link_executable(objects, "nsinit", output_dir=out_dir,
                                           extra_postargs=["-static-pie"])
         except LinkError:

@@ -6,8 +6,10 @@ Start (start_kernel until the kernel answers kernel_info), interrupt latency
 (SIGINT until a running `time.sleep` reports KeyboardInterrupt), clean
 shutdown (shutdown_request until the process is reaped), and N kernels
 started at once (time until all are ready, failures). Medians; ratios are
-to local. "nonet" is the sandbox with network = "none" (ipc transport).
-Targets: start <= 1.02x (also for nonet), shutdown <= 1.05x,
+to local. "nonet" is the sandbox with network = "none" (ipc transport);
+"wrapped" is the sandbox with the argv this package writes into kernelspecs
+(the nsprovisioner.kernel_launcher prefix, which the provisioner strips).
+Targets: start <= 1.02x (also for nonet and wrapped), shutdown <= 1.05x,
 interrupt <= 1.1x, 50 concurrent with 0 failures.
 """
 
@@ -27,20 +29,28 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.multikernelmanager import AsyncMultiKernelManager
 
+from nsprovisioner.kernel_launcher import wrap_argv
+
 # kernelspec name -> (provisioner, its config)
 VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
     "local": ("local", {}),
     "namespace": ("namespace", {}),
     "nonet": ("namespace", {"network": "none"}),
+    "wrapped": ("namespace", {}),
 }
 PROVISIONERS = tuple(VARIANTS)
+# kernelspecs whose argv has the launcher prefix, as shipped and installed
+WRAPPED = {"wrapped"}
 
 
 def write_kernelspecs(kernels: Path) -> None:
     for name, (provisioner, config) in VARIANTS.items():
+        argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+        if name in WRAPPED:
+            argv = wrap_argv(argv, name, sys.executable)
         (kernels / name).mkdir(parents=True)
         (kernels / name / "kernel.json").write_text(json.dumps({
-            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "argv": argv,
             "display_name": name, "language": "python",
             "metadata": {"kernel_provisioner": {"provisioner_name": f"{provisioner}-provisioner",
                                                 "config": config}}}))
@@ -116,7 +126,8 @@ async def main(repeat: int, concurrent: list[int], json_out: Path | None,
             results[f"{count} concurrent failures"] = {p: found[p][1] for p in PROVISIONERS}
     print_table(results, repeat)
     if json_out:
-        json_out.write_text(json.dumps({"repeat": repeat, "results": results}, indent=2))
+        json_out.write_text(json.dumps({"repeat": repeat, "results": results,
+                                        "samples": samples}, indent=2))
     if plot_out:
         plot(results, plot_out)
 
@@ -126,7 +137,8 @@ def print_table(results: dict[str, dict[str, Any]], repeat: int) -> None:
     rows = []
     for key, values in results.items():
         if key.endswith("failures"):
-            rows.append((key, *(str(values[p]) for p in PROVISIONERS), *("",) * 2))
+            rows.append((key, *(str(values[p]) for p in PROVISIONERS),
+                         *("",) * (len(PROVISIONERS) - 1)))
             continue
         unit = "s" if "concurrent" in key else "ms"
         scale = 1 if unit == "s" else 1000
@@ -146,10 +158,12 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
 
     keys = [k for k in results if not k.endswith("failures")]
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.35
-    for i, name in enumerate(PROVISIONERS[1:]):
+    sandboxed = PROVISIONERS[1:]
+    width = 0.8 / len(sandboxed)
+    for i, name in enumerate(sandboxed):
         ratios = [results[k][name] / results[k]["local"] for k in keys]
-        ax.bar([x + (i - 0.5) * width for x in range(len(keys))], ratios, width, label=name)
+        offset = (i - (len(sandboxed) - 1) / 2) * width
+        ax.bar([x + offset for x in range(len(keys))], ratios, width, label=name)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(keys)), keys, rotation=15)
     ax.set_ylabel("time / LocalProvisioner's")

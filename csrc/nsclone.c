@@ -1,114 +1,165 @@
 /*
- * The Parent's side of the C code: clone the Child (nsexec.c) from the
- * server, on the event loop's thread, and give back its stack afterwards.
- * This runs in the server as ordinary code, libc included.
+ * The only C that runs in the Jupyter server: start the helper (nsinit, the
+ * seed's Child) with vfork semantics. The clone shares the server's memory
+ * and the calling thread waits until it has exec'd, so nothing is copied
+ * and nothing but the exec runs there: clear close-on-exec on the Child's
+ * sync socket in the clone's own fd table, execveat the sealed memfd, and
+ * record the errno when that fails. Everything else happens in the helper,
+ * in its own memory.
  */
 #define _GNU_SOURCE
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "nsprovisioner starts its helper through a clone3 trampoline written for x86_64 and aarch64 only (csrc/nsclone.c, nsx_vfork3); port it to this architecture"
+#endif
+
 #include <errno.h>
+#include <fcntl.h>
 #include <linux/sched.h>
-#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "nsexec.h"
-#include "nsexec_stages.h"
-#include "nsxsys.h"
 
-/* The Child's frame holds the GrandChild's 64 KiB stack; the rest is slack.
- * Untouched pages cost nothing. */
-#define NSX_CHILD_STACK (256 * 1024)
+/* The clone's stack, inside nsx_start_helper's frame: the thread that owns
+ * that frame is stopped until the clone has exec'd (CLONE_VFORK). */
+#define NSX_LAUNCH_STACK 8192
 
-static size_t guard_size(void)
-{
-    return (size_t)sysconf(_SC_PAGESIZE);
-}
+struct launch {
+    int exec_fd;
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    int sync_fd;
+    int memfd_errno;  /* written by the clone, read once it is gone */
+    int err;
+};
 
 /*
- * The stack both stages run on, in the server's memory. A guard page below
- * it turns an overflow into a fault of the stage instead of a write into
- * whatever the server mapped there.
+ * clone3 that runs fn(arg) on args->stack in the new process, which must
+ * exec or exit there (it can't return into the caller's frame). The parent
+ * gets the pid or -errno. fn and arg ride in registers that the syscall
+ * keeps and the new process inherits.
  */
-static void *map_stack(void)
-{
-    void *region = mmap(NULL, guard_size() + NSX_CHILD_STACK, PROT_READ | PROT_WRITE,
-                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK | MAP_NORESERVE, -1, 0);
+long nsx_vfork3(struct clone_args *args, size_t size, void (*fn)(struct launch *),
+                struct launch *arg);
 
-    if (region == MAP_FAILED)
-        return NULL;
-    if (mprotect(region, guard_size(), PROT_NONE) < 0) {
-        munmap(region, guard_size() + NSX_CHILD_STACK);
-        return NULL;
+#if defined(__x86_64__)
+__asm__(".text\n"
+        ".globl nsx_vfork3\n"
+        ".hidden nsx_vfork3\n"
+        ".type nsx_vfork3, @function\n"
+        "nsx_vfork3:\n"
+        "    mov %rdx, %r8\n"
+        "    mov %rcx, %r9\n"
+        "    mov $435, %eax\n" /* __NR_clone3 */
+        "    syscall\n"
+        "    test %rax, %rax\n"
+        "    jz 1f\n"
+        "    ret\n"
+        "1:  xor %ebp, %ebp\n"
+        "    and $-16, %rsp\n"
+        "    mov %r9, %rdi\n"
+        "    call *%r8\n"
+        "    mov $127, %edi\n"
+        "    mov $231, %eax\n" /* __NR_exit_group */
+        "    syscall\n"
+        "    hlt\n"
+        ".size nsx_vfork3, .-nsx_vfork3\n");
+#elif defined(__aarch64__)
+__asm__(".text\n"
+        ".globl nsx_vfork3\n"
+        ".hidden nsx_vfork3\n"
+        ".type nsx_vfork3, %function\n"
+        "nsx_vfork3:\n"
+        "    mov x9, x2\n"
+        "    mov x10, x3\n"
+        "    mov x8, #435\n" /* __NR_clone3 */
+        "    svc #0\n"
+        "    cbz x0, 1f\n"
+        "    ret\n"
+        "1:  mov x29, xzr\n"
+        "    mov x0, x10\n"
+        "    blr x9\n"
+        "    mov x0, #127\n"
+        "    mov x8, #94\n" /* __NR_exit_group */
+        "    svc #0\n"
+        "    brk #0\n"
+        ".size nsx_vfork3, .-nsx_vfork3\n");
+#endif
+
+/*
+ * The clone, on the server's memory with the stopped thread's TLS: plain
+ * syscall(2)s only (their errno store lands in that stopped thread, which
+ * nsx_start_helper restores), no interceptable libc, and every signal
+ * blocked, so that no handler of the server runs here.
+ */
+__attribute__((noreturn, no_sanitize("address", "undefined"))) static void
+launch(struct launch *l)
+{
+    if (syscall(SYS_fcntl, l->sync_fd, F_SETFD, 0) < 0) {
+        l->err = errno;
+        syscall(SYS_exit_group, 127);
     }
-    return region;
+    if (l->exec_fd >= 0) {
+        syscall(SYS_execveat, l->exec_fd, "", l->argv, l->envp, AT_EMPTY_PATH);
+        /* refused (vm.memfd_noexec, a noexec policy): the installed file */
+        l->memfd_errno = errno;
+        l->err = errno;
+    }
+    if (l->path) {
+        syscall(SYS_execve, l->path, l->argv, l->envp);
+        l->err = errno;
+    }
+    for (;;)
+        syscall(SYS_exit_group, 127);
 }
 
-void nsx_free_stack(void *stack)
+int nsx_start_helper(int exec_fd, const char *path, char *const argv[], char *const envp[],
+                     int sync_fd, int cgroup_fd, int *pidfd, int *exec_failed,
+                     int *memfd_errno)
 {
-    if (stack)
-        munmap(stack, guard_size() + NSX_CHILD_STACK);
-}
-
-int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, void **stack)
-{
+    char stack[NSX_LAUNCH_STACK] __attribute__((aligned(16)));
+    struct launch l = {exec_fd, path, argv, envp, sync_fd, 0, 0};
     struct clone_args args;
-    sigset_t all, old;
-    void *region = NULL;
+    /* the kernel's sigset: pthread_sigmask would leave glibc's own SIGCANCEL
+     * and SIGSETXID unblocked, with the server's handlers installed */
+    uint64_t all = ~(uint64_t)0, old = 0;
+    int saved_errno = errno;
     long pid;
 
     *pidfd = -1;
-    *into_cgroup = 0;
+    *exec_failed = 0;
+    *memfd_errno = 0;
     memset(&args, 0, sizeof(args));
-    args.flags = CLONE_PIDFD;
+    args.flags = CLONE_VM | CLONE_VFORK | CLONE_PIDFD;
     args.pidfd = (uint64_t)(uintptr_t)pidfd;
     args.exit_signal = SIGCHLD;
-    if (cfg->cgroup_fd >= 0) {
+    args.stack = (uint64_t)(uintptr_t)stack;
+    args.stack_size = sizeof(stack);
+    if (cgroup_fd >= 0) {
         args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = (uint64_t)cfg->cgroup_fd;
-    }
-    if (NSX_SHARED_VM && cfg->share_memory) {
-        region = *stack ? *stack : map_stack();  /* a stack of an earlier start, or new */
-        *stack = NULL;
-        if (region == NULL)
-            return -errno;
-        args.flags |= CLONE_VM;
-        args.stack = (uint64_t)(uintptr_t)region + guard_size();
-        args.stack_size = NSX_CHILD_STACK;
+        args.cgroup = (uint64_t)cgroup_fd;
     }
 
-    if (!region && *stack) {  /* fork mode: the Child runs on its copy of our stack */
-        nsx_free_stack(*stack);
-        *stack = NULL;
-    }
-
-    /*
-     * No handler of the server may ever run in the Child: it would run on
-     * the server's memory. So the Child starts with every signal blocked
-     * and keeps them so (SIGKILL still works); the GrandChild resets every
-     * handler before it unblocks them for the exec.
-     */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    pid = nsx_clone3(&args, sizeof(args), nsx_run_child, (void *)cfg);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (pid < 0) {
-        nsx_free_stack(region);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &all, &old, sizeof(all));
+    pid = nsx_vfork3(&args, sizeof(args), launch, &l);
+    syscall(SYS_rt_sigprocmask, SIG_SETMASK, &old, NULL, sizeof(old));
+    errno = saved_errno;
+    if (pid < 0)
         return (int)pid;
+    if (l.err) {
+        /* it has exited already: reaping does not wait */
+        *exec_failed = 1;
+        *memfd_errno = l.memfd_errno;
+        waitpid((pid_t)pid, NULL, __WALL);
+        close(*pidfd);
+        *pidfd = -1;
+        errno = saved_errno;
+        return -l.err;
     }
-    *into_cgroup = cfg->cgroup_fd >= 0;
-    *stack = region;
     return (int)pid;
-}
-
-int nsx_can_share_memory(void)
-{
-    return NSX_SHARED_VM;
-}
-
-int nsx_dumpable(void)
-{
-    return prctl(PR_GET_DUMPABLE, 0, 0, 0, 0);
 }

@@ -1,6 +1,8 @@
 /*
- * The wire protocol and configuration shared by the Parent (Python, through
- * cffi), the clone stages (nsexec.c) and the sandbox init (nsinit.c).
+ * The wire protocol between the Parent (the Jupyter server: Python, through
+ * cffi) and the helper program nsinit (the seed's Child and GrandChild, and
+ * then the sandbox's PID 1): the sync records, the step numbers, and the
+ * plan the Child reads from its socket.
  *
  * This file is read twice: by the C compiler, and by cffi's cdef, which gets
  * only the text between the two "cdef" markers. That region therefore holds
@@ -35,19 +37,20 @@ enum nsx_stage {
 
 /*
  * Every step that can fail, in the order it runs. Error records name one, and
- * the test-only fault switch (nsx_config.fault_step) makes that step fail
- * with EIO so each failure path can be exercised for real.
+ * the test-only fault switch (nsx_plan.fault_step, fault_kind) makes that
+ * step fail, or crash, so each failure path can be exercised for real.
  */
 enum nsx_step {
     NSX_STEP_NONE = 0,
     /* Parent, in Python */
-    NSX_STEP_CLONE_CHILD = 1,
+    NSX_STEP_CLONE_CHILD = 1,      /* start the helper: clone and exec */
     NSX_STEP_WRITE_ID_MAPS = 2,
     NSX_STEP_CGROUP_ATTACH = 3,
     NSX_STEP_PIDFD_OPEN = 4,
     NSX_STEP_REAP_CHILD = 5,
     /* Child (stage 1) */
-    NSX_STEP_CHILD_SETUP = 10,
+    NSX_STEP_CHILD_SETUP = 10,     /* fds, parent-death signal, dumpable flag */
+    NSX_STEP_READ_PLAN = 19,
     NSX_STEP_UNSHARE_USER = 11,
     NSX_STEP_SEND_USERMAP_PLS = 12,
     NSX_STEP_WAIT_USERMAP_ACK = 13,
@@ -75,7 +78,7 @@ enum nsx_step {
     NSX_STEP_USER_COUNTERS = 35,
     NSX_STEP_RLIMITS = 36,
     /* the init (stage 3) */
-    NSX_STEP_INIT_SETUP = 40,
+    NSX_STEP_INIT_SETUP = 40,      /* name, signals */
     NSX_STEP_INIT_FORK = 41,
     NSX_STEP_INIT_EXEC = 42
 };
@@ -90,6 +93,15 @@ struct nsx_msg {
     int32_t err;     /* errno, for NSX_SYNC_ERROR */
     int32_t pid[2];  /* child, grandchild: for NSX_SYNC_RECVPID_PLS */
     char detail[240];
+};
+
+/* What the fault switch does at nsx_plan.fault_step (tests only). */
+enum nsx_fault {
+    NSX_FAULT_EIO = 0,      /* the step fails with EIO and reports it */
+    NSX_FAULT_SEGV = 1,     /* the stage dereferences NULL */
+    NSX_FAULT_ABRT = 2,     /* the stage calls abort() */
+    NSX_FAULT_MEMORY = 3    /* the stage touches memory until its cgroup's
+                             * limit kills it */
 };
 
 /* Operations of the grandchild's mount table, planned by Python (mounts.py). */
@@ -114,14 +126,26 @@ enum nsx_mount_op {
 #define NSX_MNT_REACHABLE 4  /* EACCES is not an error: a path the sandbox can't
                               * reach needs no protection */
 
+/*
+ * The plan: one struct nsx_plan, then the data its offsets point into, sent
+ * as one record on the Child's sync socket together with the fds it needs
+ * (SCM_RIGHTS): first the GrandChild's sync socket, then the sources of
+ * nsx_plan.fds. An offset of 0 means "none"; every string is NUL-terminated
+ * inside the record. The command's argv and environment are the helper's own
+ * (the Parent execs it with them), so they are not repeated here.
+ */
+#define NSX_PLAN_MAX 131072
+#define NSX_MAX_FDS 64
+#define NSX_MAX_COUNTERS 16
+
 struct nsx_mount {
-    int op;
-    int flags;
-    const char *source;
-    const char *target;
-    const char *fstype;
-    unsigned long mountflags;
-    const char *data;
+    int32_t op;              /* enum nsx_mount_op */
+    int32_t flags;
+    uint32_t source;         /* offsets of strings */
+    uint32_t target;
+    uint32_t fstype;
+    uint32_t data;
+    uint64_t mountflags;
     /* NSX_MNT_BIND: the source's identity when Python checked it (st_dev,
      * st_ino); a source that is now another file fails with ESTALE. 0, 0:
      * not checked. */
@@ -131,7 +155,8 @@ struct nsx_mount {
 
 /* A resource limit the command starts with (setrlimit: soft and hard). */
 struct nsx_rlimit {
-    int resource;
+    int32_t resource;
+    int32_t pad;
     uint64_t soft;
     uint64_t hard;
 };
@@ -139,79 +164,60 @@ struct nsx_rlimit {
 /* A write to /proc/sys/user/<name> in the sandbox's own user namespace:
  * its per-namespace share of the per-user counters (inotify, namespaces). */
 struct nsx_counter {
-    const char *path;    /* /proc/sys/user/<name> */
-    const char *value;   /* decimal */
+    uint32_t path;           /* offset of "/proc/sys/user/<name>" */
+    uint32_t value;          /* offset of the decimal value */
 };
 
 struct nsx_fdmap {
-    int src;
-    int dst;
+    int32_t src;             /* index among the fds passed with the plan */
+    int32_t dst;             /* the fd number the command gets */
 };
 
-struct nsx_config {
-    /* the Child's and GrandChild's ends of the sync sockets, and the
-     * Parent's ends, which the stages close at once */
-    int child_sync_fd;
-    int grandchild_sync_fd;
-    int parent_sync_fds[2];
+struct nsx_plan {
+    uint32_t size;           /* of the whole record */
+    int32_t parent_pid;      /* the server, to notice its death before PDEATHSIG */
 
-    int unshare_flags;       /* CLONE_NEW* the Child unshares after the user ns */
-    int unshare_cgroup;      /* the GrandChild unshares the cgroup ns */
-    int loopback_up;         /* bring up lo in the new network namespace */
-    int cgroup_fd;           /* a cgroup v2 directory for CLONE_INTO_CGROUP, or -1 */
+    int32_t unshare_flags;   /* CLONE_NEW* the Child unshares after the user ns */
+    int32_t unshare_cgroup;  /* the GrandChild unshares the cgroup ns */
+    int32_t loopback_up;     /* bring up lo in the new network namespace */
 
-    int uid;                 /* identity inside, already mapped */
-    int gid;
-    int drop_groups;         /* setgroups(0, NULL): setgroups is allowed */
+    int32_t uid;             /* identity inside, already mapped */
+    int32_t gid;
+    int32_t drop_groups;     /* setgroups(0, NULL): setgroups is allowed */
 
-    const char *hostname;    /* NULL: keep */
-    const struct nsx_mount *mounts;
-    int n_mounts;
-    const char *cwd;         /* NULL: keep */
+    uint32_t hostname;       /* 0: keep */
+    uint32_t cwd;            /* 0: keep */
+    uint32_t mounts;         /* struct nsx_mount[n_mounts] */
+    int32_t n_mounts;
+    uint32_t fds;            /* struct nsx_fdmap[n_fds] */
+    int32_t n_fds;
+    int32_t sync_target_fd;  /* where the GrandChild's sync socket ends up */
 
-    const struct nsx_fdmap *fds;  /* fds the command gets, e.g. stdio */
-    int n_fds;
-    int sync_target_fd;      /* where the grandchild's sync socket ends up */
-    int sync_keep_on_exec;   /* the init takes the sync socket over */
+    int32_t init;            /* 1: the GrandChild becomes the init and forks the
+                              * command; 0: it execs the command as PID 1 */
+    uint32_t seccomp;        /* struct sock_filter[seccomp_len], or 0 */
+    int32_t seccomp_len;
 
-    int exec_fd;             /* a sealed memfd to execveat, or -1 */
-    const char *exec_path;   /* the program, or the fallback for exec_fd */
-    char *const *argv;
-    char *const *envp;
+    uint32_t user_counters;  /* struct nsx_counter[n_user_counters] */
+    int32_t n_user_counters;
+    uint32_t rlimits;        /* struct nsx_rlimit[n_rlimits] */
+    int32_t n_rlimits;
 
-    const struct nsx_counter *user_counters;
-    int n_user_counters;
-    const struct nsx_rlimit *rlimits;
-    int n_rlimits;
-
-    int no_new_privs;
-    int drop_caps;
-    const void *seccomp_filter;   /* struct sock_filter[], or NULL */
-    unsigned short seccomp_len;
-
-    int fault_step;          /* enum nsx_step to fail with EIO, test-only */
-
-    int *grandchild_tid;     /* the kernel stores the GrandChild's pid here
-                              * (seen by the Parent when memory is shared) */
-    int share_memory;        /* run the stages in our memory (nsx_can_share_memory) */
+    int32_t fault_step;      /* enum nsx_step, tests only */
+    int32_t fault_kind;      /* enum nsx_fault */
 };
 
 /*
- * Clone the Child (stage 1). Returns its pid and stores a pidfd for it, or
- * returns -errno. *into_cgroup is set when clone3 placed it in cgroup_fd.
- * *stack is the stages' stack in our memory (or NULL): release it with
- * nsx_free_stack() (or pass it in *stack to a later call, to be reused) only
- * once both stages are reaped or exec'd, and keep cfg and everything it
- * points to alive as long. On failure *stack is freed and set to NULL.
- * Only the calling thread returns; the Child never does.
+ * Start the helper (the Child) from the server: clone3 with CLONE_VM |
+ * CLONE_VFORK | CLONE_PIDFD (| CLONE_INTO_CGROUP when cgroup_fd >= 0), and in
+ * the clone only: clear close-on-exec on sync_fd and execveat(exec_fd), or
+ * execve(path) when exec_fd is -1 or its exec is refused. Returns the pid and
+ * stores a pidfd, or returns -errno: of the clone, or of the exec (then
+ * *exec_failed is 1, *memfd_errno holds the errno of the memfd's exec).
  */
-int nsx_clone_child(const struct nsx_config *cfg, int *pidfd, int *into_cgroup, void **stack);
-void nsx_free_stack(void *stack);
-
-/* Whether this build can run the stages in the server's memory (x86_64 and
- * aarch64), and the server's dumpable flag (prctl PR_GET_DUMPABLE). */
-int nsx_can_share_memory(void);
-int nsx_dumpable(void);
+int nsx_start_helper(int exec_fd, const char *path, char *const argv[], char *const envp[],
+                     int sync_fd, int cgroup_fd, int *pidfd, int *exec_failed,
+                     int *memfd_errno);
 
 /* cdef-end */
 

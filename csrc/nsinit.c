@@ -1,18 +1,20 @@
 /*
- * nsinit: PID 1 of a sandbox.
+ * nsinit: the helper program, one static binary the Parent execs from a
+ * sealed memfd for every sandbox. It is the seed's Child (nschild.c), which
+ * clones the GrandChild (nsgrandchild.c), which sets the sandbox up and
+ * then is PID 1 (this file): it forks the command, forwards the signals
+ * Jupyter sends to the command's process group, reaps every zombie, and
+ * exits with the command's status (128+N when it died of signal N). When it
+ * exits the kernel kills everything else in the pid namespace.
  *
- *   nsinit [--sync-fd N] -- COMMAND [ARG]...
- *
- * Forks COMMAND in its own process group, forwards the signals Jupyter sends
- * to that group, reaps every zombie, and exits with COMMAND's status (128+N
- * when it died of signal N). When it exits the kernel kills everything else
- * in the pid namespace, so nothing of the sandbox outlives the command.
- *
- * With --sync-fd, N is the GrandChild's sync socket: an exec failure of
- * COMMAND travels to the Parent as an error record, and the Parent sees EOF
- * once COMMAND has been exec'd.
+ *   nsinit --sync-fd N -- COMMAND [ARG]...   a sandbox start (by spawn.py)
+ *   nsinit -- COMMAND [ARG]...               only the init, without a sandbox
  */
 #define _GNU_SOURCE
+#if !defined(__x86_64__) && !defined(__aarch64__)
+#error "nsinit is built and tested for x86_64 and aarch64 only; the Parent's clone trampoline (csrc/nsclone.c) must be ported first"
+#endif
+
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -20,20 +22,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
-#include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "nsexec.h"
+#include "nsstage.h"
 
 static const int forwarded_signals[] = {
     SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2,
-};
-
-struct init_args {
-    int sync_fd;
-    char **command;
 };
 
 static _Noreturn void usage(void)
@@ -42,24 +38,65 @@ static _Noreturn void usage(void)
     exit(2);
 }
 
-static struct init_args parse_args(int argc, char **argv)
+/*
+ * execvp without its allocations, for the moment after fork: try each
+ * directory of PATH. EACCES from a directory that can't be searched, when
+ * the command exists nowhere, is reported as "not found", as shells do.
+ * Returns the errno to report.
+ */
+static int exec_search(char **argv)
 {
-    struct init_args args = {-1, NULL};
-    int i = 1;
+    const char *name = argv[0], *path = getenv("PATH"), *dir, *end;
+    size_t name_len = strlen(name), dir_len;
+    char candidate[4096];
+    struct stat st;
+    int denied = 0;
 
-    if (i + 1 < argc && strcmp(argv[i], "--sync-fd") == 0) {
-        args.sync_fd = atoi(argv[i + 1]);
-        i += 2;
+    if (strchr(name, '/')) {
+        execv(name, argv);
+        return errno;
     }
-    if (i < argc && strcmp(argv[i], "--") == 0)
-        i++;
-    if (i >= argc)
-        usage();
-    args.command = &argv[i];
-    return args;
+    if (path == NULL)
+        path = "/bin:/usr/bin";
+    for (dir = path; ; dir = end + 1) {
+        end = strchrnul(dir, ':');
+        dir_len = (size_t)(end - dir);
+        if (dir_len == 0) {
+            dir = ".";
+            dir_len = 1;
+        }
+        if (dir_len + name_len + 2 <= sizeof(candidate)) {
+            memcpy(candidate, dir, dir_len);
+            candidate[dir_len] = '/';
+            memcpy(candidate + dir_len + 1, name, name_len + 1);
+            execv(candidate, argv);
+            if (errno == EACCES && stat(candidate, &st) == 0)
+                denied = 1;
+            else if (errno != ENOENT && errno != ENOTDIR && errno != EACCES)
+                return errno;
+        }
+        if (*end == '\0')
+            return denied ? EACCES : ENOENT;
+    }
 }
 
-static void configure_signals(sigset_t *waited, sigset_t *original)
+/* Exec the command with every signal unblocked; on failure report it as
+ * (stage, step) on the sync socket and exit 127 (not found) or 126. */
+_Noreturn void nsx_exec_command(char **argv, int sync_fd, int stage, int step)
+{
+    sigset_t none;
+    int err;
+
+    sigemptyset(&none);
+    sigprocmask(SIG_SETMASK, &none, NULL);
+    err = exec_search(argv);
+    if (sync_fd >= 0)
+        nsx_bail(sync_fd, stage, step, err, "exec", argv[0], 0);
+    fprintf(stderr, "nsinit: exec %s: %s\n", argv[0], strerror(err));
+    _exit(err == ENOENT ? 127 : 126);
+}
+
+static long block_waited(sigset_t *waited)
 {
     size_t i;
 
@@ -67,79 +104,7 @@ static void configure_signals(sigset_t *waited, sigset_t *original)
     sigaddset(waited, SIGCHLD);
     for (i = 0; i < sizeof(forwarded_signals) / sizeof(forwarded_signals[0]); i++)
         sigaddset(waited, forwarded_signals[i]);
-    if (sigprocmask(SIG_BLOCK, waited, original) < 0) {
-        fprintf(stderr, "nsinit: sigprocmask: %s\n", strerror(errno));
-        exit(1);
-    }
-}
-
-static void report_exec_failure(int sync_fd, const char *command, int err)
-{
-    struct nsx_msg msg;
-
-    memset(&msg, 0, sizeof(msg));
-    msg.type = NSX_SYNC_ERROR;
-    msg.stage = NSX_STAGE_INIT;
-    msg.step = NSX_STEP_INIT_EXEC;
-    msg.err = err;
-    snprintf(msg.detail, sizeof(msg.detail), "exec %s", command);
-    send(sync_fd, &msg, sizeof(msg), MSG_NOSIGNAL);
-}
-
-/*
- * execvp reports EACCES when some directory on PATH can't be searched, even
- * if the command exists nowhere; report that as "not found", as shells do.
- */
-static int exec_errno(const char *command, int err)
-{
-    const char *path = getenv("PATH");
-    char candidate[4096];
-    const char *dir, *end;
-    struct stat st;
-
-    if (err != EACCES || strchr(command, '/') || !path)
-        return err;
-    for (dir = path; ; dir = end + 1) {
-        end = strchr(dir, ':');
-        if (!end)
-            end = dir + strlen(dir);
-        snprintf(candidate, sizeof(candidate), "%.*s/%s", (int)(end - dir),
-                 end == dir ? "." : dir, command);
-        if (stat(candidate, &st) == 0)
-            return err;  /* it exists: permission really is the problem */
-        if (!*end)
-            return ENOENT;
-    }
-}
-
-/* The command leads its own process group so that an interrupt reaches the
- * processes it started too, as with LocalProvisioner's killpg. */
-static pid_t spawn(const struct init_args *args, const sigset_t *original)
-{
-    pid_t pid = fork();
-    int err;
-
-    if (pid < 0) {
-        fprintf(stderr, "nsinit: fork: %s\n", strerror(errno));
-        exit(1);
-    }
-    if (pid == 0) {
-        sigprocmask(SIG_SETMASK, original, NULL);
-        setpgid(0, 0);
-        if (args->sync_fd >= 0)
-            fcntl(args->sync_fd, F_SETFD, FD_CLOEXEC);
-        execvp(args->command[0], args->command);
-        err = exec_errno(args->command[0], errno);
-        if (args->sync_fd >= 0)
-            report_exec_failure(args->sync_fd, args->command[0], err);
-        else
-            fprintf(stderr, "nsinit: exec %s: %s\n", args->command[0], strerror(err));
-        _exit(err == ENOENT ? 127 : 126);
-    }
-    setpgid(pid, pid);  /* whichever of us runs first */
-    if (args->sync_fd >= 0)
-        close(args->sync_fd);
-    return pid;
+    return nsx_rc(sigprocmask(SIG_SETMASK, waited, NULL));
 }
 
 static void forward_signal(pid_t child, int sig)
@@ -172,40 +137,85 @@ static int exit_code(int status)
     return 1;
 }
 
-int main(int argc, char **argv)
+static _Noreturn void wait_and_forward_signals(const sigset_t *waited, pid_t child)
 {
-    struct init_args args = parse_args(argc, argv);
-    sigset_t waited, original;
     siginfo_t info;
-    pid_t child;
     int status = 0, sig;
 
-    prctl(PR_SET_NAME, "nsinit", 0, 0, 0);
-    /* The kernel runs as our uid: without this it could ptrace us, stop us
-     * (and with us every signal Jupyter sends) or read our memory. */
-    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) < 0) {
-        fprintf(stderr, "nsinit: prctl(PR_SET_DUMPABLE): %s\n", strerror(errno));
-        return 1;
-    }
-    configure_signals(&waited, &original);
-    /* A server's pid means nothing in here; the command's parent is PID 1,
-     * for which ipykernel skips its parent poller. */
-    if (getenv("JPY_PARENT_PID"))
-        setenv("JPY_PARENT_PID", "1", 1);
-    child = spawn(&args, &original);
-
     for (;;) {
-        sig = sigwaitinfo(&waited, &info);
+        sig = sigwaitinfo(waited, &info);
         if (sig < 0) {
             if (errno == EINTR)
                 continue;
-            fprintf(stderr, "nsinit: sigwaitinfo: %s\n", strerror(errno));
             forward_signal(child, SIGKILL);
-            return 1;
+            _exit(1);
         }
         if (sig != SIGCHLD)
             forward_signal(child, sig);
         if (reap_zombies(child, &status))
-            return exit_code(status);
+            _exit(exit_code(status));
     }
+}
+
+/*
+ * The command leads its own process group so that an interrupt reaches the
+ * processes it started too, as with LocalProvisioner's killpg. Its copy of
+ * the sync socket is close-on-exec: the Parent sees EOF once it exec'd, or
+ * the error record of nsx_exec_command. Ours goes at once.
+ */
+_Noreturn void nsx_become_init(char **argv, int sync_fd, const struct nsx_plan *plan)
+{
+    sigset_t waited;
+    pid_t child;
+    long rc;
+
+    prctl(PR_SET_NAME, "nsinit", 0, 0, 0);
+    /* The command runs as our uid: without this it could ptrace us, stop us
+     * (and with us every signal Jupyter sends) or read our memory. */
+    rc = nsx_checked(plan, NSX_STEP_INIT_SETUP, nsx_rc(prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)));
+    if (rc < 0)
+        nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_SETUP, rc, "prctl(PR_SET_DUMPABLE)",
+                 NULL, 0);
+    rc = nsx_checked(plan, NSX_STEP_INIT_SETUP, block_waited(&waited));
+    if (rc < 0)
+        nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_SETUP, rc, "block signals", NULL, 0);
+    child = fork();
+    rc = nsx_checked(plan, NSX_STEP_INIT_FORK, child < 0 ? -errno : 1);
+    if (rc < 0) {
+        if (child > 0)
+            kill(child, SIGKILL);
+        nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_FORK, rc, "fork the command", NULL, 0);
+    }
+    if (child == 0) {
+        setpgid(0, 0);
+        if (nsx_checked(plan, NSX_STEP_INIT_EXEC, 0) < 0)
+            nsx_bail(sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_EXEC, -EIO, "exec", argv[0], 0);
+        nsx_exec_command(argv, sync_fd, NSX_STAGE_INIT, NSX_STEP_INIT_EXEC);
+    }
+    setpgid(child, child);  /* whichever of us runs first */
+    if (sync_fd >= 0)
+        close(sync_fd);
+    free((void *)plan);  /* the init's memory is per sandbox: keep it small */
+    wait_and_forward_signals(&waited, child);
+}
+
+int main(int argc, char **argv)
+{
+    struct nsx_start start;
+    int i = 1;
+
+    memset(&start, 0, sizeof(start));
+    start.sync_fd = -1;
+    if (i + 1 < argc && strcmp(argv[i], "--sync-fd") == 0) {
+        start.sync_fd = atoi(argv[i + 1]);
+        i += 2;
+    }
+    if (i < argc && strcmp(argv[i], "--") == 0)
+        i++;
+    if (i >= argc || start.sync_fd == 0)
+        usage();
+    start.argv = &argv[i];
+    if (start.sync_fd < 0)
+        nsx_become_init(start.argv, -1, NULL);
+    nsx_run_child(&start);
 }

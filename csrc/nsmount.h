@@ -7,8 +7,8 @@
 
 #include "nsexec.h"
 
-/* Run one operation; 0, or -errno on failure. Async-signal-safe. */
-long nsx_run_mount_op(const struct nsx_mount *m);
+/* Run one operation of the plan; 0, or -errno on failure. */
+long nsx_run_mount_op(const struct nsx_plan *plan, const struct nsx_mount *m);
 
 /* What the operation is called in an error record ("bind", "mkdir", ...). */
 const char *nsx_mount_op_name(int op);

@@ -1,40 +1,36 @@
-"""A cgroup per sandbox: where it goes, its limits, and sweeping leftovers.
+"""A sandbox's cgroup made: its directories in each hierarchy, and its limits.
 
-Layout, in every hierarchy used (v2, and each v1 hierarchy that carries a
-limit or accounting):
-
-    <parent>/nsprov-<uid>-<pid>-<starttime>-<pidns>/   one per server process
-        <name>/                                       one per sandbox (kernel id)
-        nsprov-server/                                the server itself, only when
-                                                      v2 made it leave <parent>
-
-<parent> is cgroup_parent, or for "auto" the caller's own cgroup. The
-server's identity is in the group's name because cgroupfs holds no files of
-ours: the sweep can tell from the name alone whether the server that made a
-group is dead (the start time guards against a reused pid, the pid
-namespace against judging a pid it can't see).
+The layout and the names are cgroup_layout.py's; discovering the host's
+hierarchies is cgroupfs.py's; the handle a running sandbox keeps is
+sandbox_cgroup.py's. This module builds one sandbox's directories, writes
+its limit files, and tells a user whose host can't enforce a limit why and
+how to fix it.
 """
 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .cgroup_limits import Unenforced, default_pids, fix_for, limit_values, write_limits
+from .cgroup_layout import (
+    SERVER_LEAF,
+    group_lock,
+    group_name,
+    parent_directory,
+    sandbox_dir_name,
+)
 from .cgroupfs import (
     CgroupHost,
     Hierarchy,
     current_host,
-    pid_namespace_id,
-    process_start_time,
     read_pids,
 )
 from .errors import SandboxError
-from .sandbox_cgroup import CgroupDir, SandboxCgroup, group_lock
+from .sandbox_cgroup import CgroupDir, SandboxCgroup
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -43,57 +39,114 @@ __all__ = ["SandboxCgroup", "create_cgroup"]
 
 log = logging.getLogger(__name__)
 
-GROUP_PREFIX = "nsprov-"
-SERVER_LEAF = "nsprov-server"
 # Read only for the memory and pids numbers in usage(); never a reason to fail.
 ACCOUNTING = ("memory", "pids")
 
 
-def group_name(pid: int | None = None) -> str:
-    """The name of the per-server group directory of `pid` (default: this process)."""
-    own = os.getpid()
-    pid = own if pid is None else pid
-    if pid == own:
-        return f"{GROUP_PREFIX}{os.geteuid()}-{pid}-{_own_identity(own)}"
-    return f"{GROUP_PREFIX}{os.geteuid()}-{pid}-{process_start_time(pid)}-{pid_namespace_id()}"
+LIMIT_KEYS = {"memory": "memory_limit", "pids": "pids_limit", "cpu": "cpu_limit"}
+CPU_PERIOD_US = 100_000
+CPU_MIN_QUOTA_US = 1_000  # the kernel refuses a quota below 1 ms
 
 
-@functools.cache
-def _own_identity(pid: int) -> str:
-    """The "<starttime>-<pidns>" of this process's group name; by pid, so a fork asks again.
+@dataclass(frozen=True)
+class Unenforced:
+    """A configured limit the host can't enforce, why, and how to make it able to."""
 
-    Neither changes while the process lives: setns and unshare(CLONE_NEWPID)
-    move only the children into another pid namespace.
-    """
-    return f"{process_start_time(pid)}-{pid_namespace_id()}"
+    controller: str
+    path: str
+    reason: str
+    fix: str
+    errno: int = 0
 
-
-def sandbox_dir_name(name: str | None) -> str:
-    """A directory name from the kernel id: letters, digits, '-' and '_' only."""
-    if not name:
-        return f"sandbox-{secrets.token_hex(6)}"
-    clean = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:100]
-    return clean if clean != SERVER_LEAF else f"{clean}_"
+    def describe(self) -> str:
+        why = f"{self.reason}: {os.strerror(self.errno)}" if self.errno else self.reason
+        return f"{LIMIT_KEYS[self.controller]} needs the {self.controller} controller, " \
+               f"but {why}. Fix: {self.fix}"
 
 
-def parent_directory(h: Hierarchy, cgroup_parent: str) -> str | None:
-    """Where the groups go in hierarchy `h`, or None when the caller's cgroup is unseen."""
-    if cgroup_parent != "auto":
-        return h.directory(cgroup_parent)
-    if h.own_path is None:
-        return None
-    own = h.directory(h.own_path)
-    if own is None:
-        return None
-    # An earlier sandbox moved the server into its own leaf, or this process
-    # was started by a server there (a terminal, `nsprovisioner run` from a
-    # notebook, a test's subprocess): the parent is still the cgroup the
-    # server started in, which holds no process now. The leaf itself holds
-    # the server: no controller could be enabled for a group below it.
-    group = os.path.dirname(own)
-    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group).startswith(GROUP_PREFIX):
-        return os.path.dirname(group)
-    return own
+def default_pids(spec: SandboxSpec) -> bool:
+    """Whether pids.max gets nproc_limit, no pids_limit being set. Linux exempts
+    processes of the host's uid 0 from RLIMIT_NPROC, so a root server's kernels need
+    the cgroup's count; elsewhere a cgroup made for other limits carries it too. A
+    default never fails a start: where the host can't enforce it, it is skipped."""
+    return spec.pids_limit is None and spec.nproc_limit is not None and (
+        os.geteuid() == 0 or spec.memory_bytes is not None or spec.cpu_limit is not None)
+
+
+def limit_values(spec: SandboxSpec) -> dict[str, float]:
+    """controller -> the configured value, for the limits that are set."""
+    values: dict[str, float] = {}
+    if spec.memory_bytes is not None:
+        values["memory"] = spec.memory_bytes
+    if spec.pids_limit is not None:
+        values["pids"] = spec.pids_limit
+    elif spec.nproc_limit is not None and default_pids(spec):
+        values["pids"] = spec.nproc_limit
+    if spec.cpu_limit is not None:
+        values["cpu"] = spec.cpu_limit
+    return values
+
+
+def limit_files(version: int, controller: str, value: float) -> list[tuple[str, str, bool]]:
+    """(file, content, required) in the order they must be written."""
+    if controller == "memory":
+        size = str(int(value))
+        if version == 2:
+            # memory.swap.max counts swap alone; 0 keeps memory + swap at the
+            # limit, as memsw does on v1.
+            return [("memory.max", size, True), ("memory.swap.max", "0", False)]
+        # memsw (memory + swap) may never be below the memory limit: set that first
+        return [("memory.limit_in_bytes", size, True),
+                ("memory.memsw.limit_in_bytes", size, False)]
+    if controller == "pids":
+        return [("pids.max", str(int(value)), True)]
+    quota = str(max(CPU_MIN_QUOTA_US, round(value * CPU_PERIOD_US)))
+    if version == 2:
+        return [("cpu.max", f"{quota} {CPU_PERIOD_US}", True)]
+    return [("cpu.cfs_period_us", str(CPU_PERIOD_US), True), ("cpu.cfs_quota_us", quota, True)]
+
+
+def write_limits(host: CgroupHost, path: str, version: int, limits: dict[str, float],
+                 controllers: set[str] | frozenset[str]) -> list[Unenforced]:
+    """Write the limits of `controllers` into the cgroup at `path`; what failed."""
+    failed = []
+    for c in sorted(controllers & limits.keys()):
+        for name, content, required in limit_files(version, c, limits[c]):
+            file = os.path.join(path, name)
+            if not required and not host.exists(file):
+                continue  # e.g. no swap accounting: nothing can swap beyond the limit
+            try:
+                host.write(file, content)
+            except OSError as e:
+                failed.append(Unenforced(c, path, f"{file} can't be written",
+                                         fix_for("writable", c, path), e.errno or 0))
+                break
+    return failed
+
+
+def fix_for(kind: str, controller: str, path: str) -> str:
+    """What a user does about an unenforceable limit of `kind`."""
+    uid = os.geteuid()
+    if kind == "absent":
+        return (f"use a kernel with the {controller} controller (enabled in the cgroup2 "
+                "root's cgroup.subtree_control, or mounted as a cgroup v1 hierarchy)")
+    if kind == "parent":
+        return (f"run the server where its own cgroup is visible under {path}, or set "
+                "cgroup_parent to a cgroup path below that mount")
+    if kind == "delegate":
+        return (f"enable it for {path}: as root `echo +{controller} > "
+                f"{os.path.dirname(path)}/cgroup.subtree_control` (and so on up to the root), "
+                "or with systemd set `Delegate=yes` on the unit that runs the server "
+                "(`systemctl edit user@.service` for user sessions)")
+    if kind == "busy":
+        return (f"move the other processes out of {path} into a leaf cgroup, or set "
+                "cgroup_parent to a cgroup without processes (e.g. start the server with "
+                "`systemd-run --user --scope -p Delegate=yes jupyter lab`)")
+    return (f"delegate a cgroup to uid {uid}: run the server in a systemd unit with "
+            "`Delegate=yes` (for user sessions: `systemctl edit user@.service`, add "
+            "`[Service]` `Delegate=yes`; or `systemd-run --user --scope -p Delegate=yes "
+            f"jupyter lab`), or as root `chown -R {uid} {path}`, or set cgroup_parent to a "
+            "cgroup this user owns")
 
 
 def create_cgroup(spec: SandboxSpec, name: str | None, *,

@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import pwd
+import re
 import shutil
 import stat
 from dataclasses import asdict, dataclass, field
@@ -240,14 +241,27 @@ def _userns_fix(facts: HostFacts) -> str:
     return "check `dmesg` and the sysctls user.max_user_namespaces and kernel.*userns*"
 
 
+# The one kernel floor (README.md says the same): mount_setattr, which the
+# read-only mounts need, came last (pidfd and clone3 5.3, close_range 5.9).
+KERNEL_FLOOR = (5, 12)
+
+
+def kernel_version(release: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", release)
+    return (int(match.group(1)), int(match.group(2))) if match else (0, 0)
+
+
 def check_kernel(f: HostFacts) -> list[Check]:
     missing = [name for name, ok in (("pidfd", f.pidfd), ("clone3", f.clone3),
                                      ("close_range", f.close_range)) if not ok]
-    checks = [Check("kernel", "FAIL" if not f.pidfd else ("WARN" if missing else "PASS"),
-                    f"Linux {f.kernel}" + (f"; missing: {', '.join(missing)}" if missing else
-                                           "; pidfd, clone3, close_range"),
-                    "upgrade to Linux 5.9 or newer (pidfd 5.3, clone3 5.3, close_range 5.9)"
-                    if missing else "", blocks_kernel=not f.pidfd)]
+    old = kernel_version(f.kernel) < KERNEL_FLOOR
+    floor = ".".join(map(str, KERNEL_FLOOR))
+    checks = [Check("kernel", "FAIL" if old or missing else "PASS",
+                    f"Linux {f.kernel}" + (f"; missing: {', '.join(missing)}" if missing else "")
+                    + (f"; below Linux {floor}" if old else ""),
+                    f"upgrade to Linux {floor} or newer (mount_setattr 5.12, close_range 5.9, "
+                    "pidfd and clone3 5.3)" if old or missing else "",
+                    blocks_kernel=old or bool(missing))]
     noexec = f.sysctls.get("vm.memfd_noexec")
     if f.memfd_exec and noexec in (None, "0", "1"):
         checks.append(Check("memfd exec", "PASS",

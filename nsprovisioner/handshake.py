@@ -1,6 +1,6 @@
 """The Parent's side of the seed's handshake, on asyncio.
 
-    Parent -> Child:       clone (nsx_clone_child)
+    Parent -> Child:       clone + exec of the helper (nsx_start_helper), the plan
     Child  -> Parent:      SYNC_USERMAP_PLS    Parent writes setgroups, uid_map, gid_map
     Parent -> Child:       SYNC_USERMAP_ACK
     Child  -> Parent:      SYNC_RECVPID_PLS    (child pid, grandchild pid)
@@ -23,7 +23,6 @@ import struct
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 from ._nsexec import ffi, lib
 from .errors import STEP_VALUES, SandboxError
@@ -152,6 +151,20 @@ class SyncChannel:
                                f"instead of {SYNC_NAMES[sync_type]}", step=step)
         return msg
 
+    async def send_plan(self, plan: bytes, fds: list[int]) -> None:
+        """The plan, with the fds it names, as one record (csrc/nsexec.h)."""
+        rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        while True:
+            try:
+                self.sock.sendmsg([plan], rights)
+                return
+            except BlockingIOError:
+                await writable(self.sock.fileno())
+            except OSError as e:
+                await self.recv("read_plan")  # the Child's error record, if it sent one
+                raise SandboxError("the child exited before it got the plan", step="read_plan",
+                                   errno=e.errno or 0) from None
+
     async def send(self, sync_type: int, step: str) -> None:
         try:
             self.sock.send(MSG.pack(sync_type, 0, 0, 0, 0, 0, b""))
@@ -170,70 +183,77 @@ class SyncChannel:
 class Handshake:
     """What the Parent learns during the handshake, and what it must undo on failure.
 
-    `stack` is the stages' stack in our memory and `config` the buffers they
-    read (both shared with them, not copied): released only once both stages
-    are reaped or have exec'd. `grandchild_tid` is where the kernel stored the
-    GrandChild's pid at its clone, so that even a Child killed before it
-    could report the pid leaves no unreaped GrandChild behind.
+    `child_userns` is the Child's user namespace (device, inode), seen while
+    it asks for its maps: should the Child die after cloning the GrandChild
+    but before reporting its pid, the GrandChild is our child in that
+    namespace, and abort() finds it there.
     """
 
-    child_pid: int
-    child_pidfd: int
+    child_pid: int = 0
+    child_pidfd: int = -1
     grandchild_pid: int = 0
     grandchild_pidfd: int = -1
-    stack: Any = None
-    grandchild_tid: Any = None
-    config: Any = None
+    child_userns: tuple[int, int] | None = None
 
-    def abort(self) -> None:
-        """Kill and reap whatever was started; close the pidfds; release the stack."""
-        if not self.grandchild_pid and self.grandchild_tid is not None:
-            self.grandchild_pid = self.grandchild_tid[0]
+    def take_grandchild_pidfd(self) -> int:
+        fd, self.grandchild_pidfd, self.grandchild_pid = self.grandchild_pidfd, -1, 0
+        return fd
+
+    async def abort(self) -> None:
+        """Kill and reap whatever was started; close the pidfds."""
+        if not self.grandchild_pid and self.child_userns is not None:
+            found = children_in_user_namespace(self.child_userns)
+            self.grandchild_pid = found[0] if found else 0
         for pid, fd in ((self.child_pid, self.child_pidfd),
                         (self.grandchild_pid, self.grandchild_pidfd)):
-            if pid <= 0:
-                continue
-            try:
-                if fd >= 0:
-                    _pidfd_kill(fd)
-                else:
-                    os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
+            if pid > 0:
+                await _kill_and_reap(pid, fd)
             if fd >= 0:
                 os.close(fd)
         self.child_pid = self.grandchild_pid = 0
         self.child_pidfd = self.grandchild_pidfd = -1
-        self.release()
-
-    def release(self) -> None:
-        """Give back the stages' stack and buffers: call once neither runs on them."""
-        if self.stack is not None:
-            give_back_stack(self.stack)
-        self.stack = self.config = None
 
 
-# Stacks of finished starts, for the next ones: a fresh stack costs an mmap,
-# an mprotect and a page fault per page the stages touch. A few are enough
-# for the starts a server runs at once.
-_spare_stacks: list[Any] = []
-SPARE_STACKS = 4
+def children_in_user_namespace(userns: tuple[int, int]) -> list[int]:
+    """Our children in the user namespace `userns` (device, inode)."""
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            if ppid != me:
+                continue
+            st = os.stat(f"/proc/{name}/ns/user")
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to look at
+        if (st.st_dev, st.st_ino) == userns:
+            found.append(int(name))
+    return found
 
 
-def take_stack() -> Any:
-    """A stack for nsx_clone_child to reuse, or NULL for a new one."""
+async def _kill_and_reap(pid: int, pidfd: int) -> None:
+    """SIGKILL, then reap once the pidfd says it exited (the loop runs on)."""
+    owned = pidfd < 0
+    if owned:
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
     try:
-        return _spare_stacks.pop()
-    except IndexError:  # (another thread may take the last one between check and pop)
-        return ffi.NULL
-
-
-def give_back_stack(stack: Any) -> None:
-    if stack != ffi.NULL and len(_spare_stacks) < SPARE_STACKS:
-        _spare_stacks.append(stack)
-    else:
-        lib.nsx_free_stack(stack)
+        _pidfd_kill(pidfd)
+        try:
+            await asyncio.wait_for(readable(pidfd), HANDSHAKE_TIMEOUT)
+        except (asyncio.CancelledError, asyncio.TimeoutError):
+            pass  # cancelled again: the wait below is short, the process is dying
+        try:
+            os.waitid(os.P_PIDFD, pidfd, os.WEXITED)  # noqa: ASYNC222 - it has exited
+        except ChildProcessError:
+            pass
+    finally:
+        if owned:
+            os.close(pidfd)
 
 
 def _pidfd_kill(fd: int) -> None:
@@ -262,6 +282,21 @@ async def readable(fd: int) -> None:
         await ready
     finally:
         loop.remove_reader(fd)
+
+
+async def writable(fd: int) -> None:
+    loop = asyncio.get_running_loop()
+    ready: asyncio.Future[None] = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    loop.add_writer(fd, wake)
+    try:
+        await ready
+    finally:
+        loop.remove_writer(fd)
 
 
 async def _reap(pid: int, pidfd: int) -> int:
@@ -296,7 +331,28 @@ async def run_handshake(
     except SandboxError as e:
         if e.grandchild_pid and not hs.grandchild_pid:
             hs.grandchild_pid = e.grandchild_pid  # our unreaped child: its pid is stable
+        if e.stage is None:  # no record: a stage that crashed or was killed says so
+            killed = await _killed_stage(hs)
+            if killed:
+                raise SandboxError(f"the sandbox {killed}", step=e.step) from None
         raise
+
+
+async def _killed_stage(hs: Handshake) -> str | None:
+    """'child was killed by SIGSEGV' when a stage died of a signal, else None."""
+    for who, pid, pidfd in (("child", hs.child_pid, hs.child_pidfd),
+                            ("grandchild", hs.grandchild_pid, hs.grandchild_pidfd)):
+        if pidfd < 0 or not _exiting(pid):
+            continue
+        try:
+            await asyncio.wait_for(readable(pidfd), 1.0)
+        except asyncio.TimeoutError:
+            continue
+        died = os.waitid(os.P_PIDFD, pidfd,  # noqa: ASYNC222 - it has exited
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if died is not None and died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            return f"{who} was killed by {signal.Signals(died.si_status).name}"
+    return None
 
 
 async def _drive(
@@ -308,6 +364,12 @@ async def _drive(
     fault_step: int,
 ) -> None:
     await child.expect(lib.NSX_SYNC_USERMAP_PLS, "unshare_user")
+    try:
+        userns = os.stat(f"/proc/{hs.child_pid}/ns/user")
+        hs.child_userns = (userns.st_dev, userns.st_ino)
+    except OSError:
+        child.raise_pending_error()
+        raise
     _fault(fault_step, "write_id_maps")
     try:
         await write_maps(hs.child_pid)
@@ -331,8 +393,7 @@ async def _drive(
     await child.send(lib.NSX_SYNC_RECVPID_ACK, "wait_recvpid_ack")
     await child.expect(lib.NSX_SYNC_CHILD_READY, "send_child_ready")
 
-    # The Child is exiting now; tearing down its copy of our address space
-    # takes a while, so the GrandChild starts meanwhile and we reap after.
+    # The Child is exiting now: the GrandChild starts meanwhile, we reap after.
     await grandchild.send(lib.NSX_SYNC_GRANDCHILD, "wait_grandchild")
     _fault(fault_step, "reap_child")
     status = await _reap(hs.child_pid, hs.child_pidfd)
@@ -340,7 +401,9 @@ async def _drive(
     hs.child_pid, hs.child_pidfd = 0, -1
     if status != 0:
         child.raise_pending_error()
-        raise SandboxError(f"the child exited with status {status}", step="reap_child")
+        how = (f"was killed by {signal.Signals(-status).name}" if status < 0
+               else f"exited with status {status}")
+        raise SandboxError(f"the child {how}", step="reap_child")
     await grandchild.expect(lib.NSX_SYNC_CHILD_READY, "wait_grandchild")
     # EOF: the exec (of the command, through the init when there is one)
     # closed the last copy of the close-on-exec socket.
@@ -348,3 +411,27 @@ async def _drive(
     if msg_or_eof is not None:
         raise SandboxError(f"unexpected {SYNC_NAMES.get(msg_or_eof.type)} after exec",
                            step="exec")
+    # EOF also when the init dies (a crash, the OOM killer) before the
+    # command is exec'd: no record then, but a signal in its exit status.
+    if _exiting(hs.grandchild_pid):
+        await readable(hs.grandchild_pidfd)
+        died = os.waitid(os.P_PIDFD, hs.grandchild_pidfd,  # noqa: ASYNC222 - it has exited
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        if died is not None and died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+            raise SandboxError(f"the sandbox's init was killed by "
+                               f"{signal.Signals(died.si_status).name} as it started the "
+                               "command", step="init_setup")
+
+
+PF_EXITING = 0x4
+
+
+def _exiting(pid: int) -> bool:
+    """Whether `pid` is on its way out. Linux sets PF_EXITING before it closes
+    a dying process's fds, so a peer that sees EOF can tell."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except FileNotFoundError:
+        return True
+    return fields[0] in (b"Z", b"X") or bool(int(fields[6]) & PF_EXITING)

@@ -1,9 +1,11 @@
-"""The init program and its sealed memfd copy (the runc CVE-2019-5736 lesson).
+"""The helper program (nsinit) and its sealed memfd copy (the runc CVE-2019-5736 lesson).
 
-The sandbox's PID 1 is exec'd from a memfd sealed against writes, so no
-process inside can open /proc/1/exe for writing and change the binary that
-the next sandbox runs. Where memfd exec is refused (vm.memfd_noexec = 2) the
-GrandChild falls back to the installed file.
+One static binary is the seed's Child, its GrandChild and the sandbox's PID 1
+(csrc/). The Parent execs it from a memfd sealed against writes, made once
+per server process and shared by all its sandboxes: no process inside can
+open /proc/1/exe for writing and change what the next sandbox runs. Where
+memfd exec is refused (vm.memfd_noexec = 2) the clone falls back to the
+installed file.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _memfd: int | None = None
 def init_path() -> str:
     if not os.access(INIT_PATH, os.X_OK):
         raise SandboxError(
-            f"the sandbox init {INIT_PATH} is missing or not executable",
+            f"the sandbox helper {INIT_PATH} is missing or not executable",
             hint="reinstall nsprovisioner (`pip install --force-reinstall nsprovisioner`) "
             "with a C compiler available",
         )
@@ -54,7 +56,7 @@ def _make_sealed_copy(path: str) -> int:
 
 
 def init_memfd() -> int:
-    """A sealed memfd holding the init, made once per process; -1 when unavailable."""
+    """A sealed memfd holding the helper, made once per process; -1 when unavailable."""
     global _memfd
     with _lock:
         if _memfd is None:
@@ -63,3 +65,8 @@ def init_memfd() -> int:
             except OSError:
                 _memfd = -1
         return _memfd
+
+
+def helper_command() -> tuple[int, str, list[str]]:
+    """How the Parent execs the helper: (memfd or -1, file path, argv before the options)."""
+    return init_memfd(), init_path(), ["nsinit"]

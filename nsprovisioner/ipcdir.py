@@ -84,7 +84,7 @@ def make_socket_dir(kernel_id: str) -> str:
         raise SandboxError(f"could not make a socket directory in {sockets_parent()}")
     endpoint = os.path.join(directory, "k")
     if len(endpoint) + PORT_SUFFIX > MAX_SOCKET_PATH:
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_socket_dir(directory)
         raise SandboxError(
             f"a sandboxed kernel needs ipc socket paths of at most {MAX_SOCKET_PATH} bytes, but "
             f"{endpoint}-N is longer (a zmq limit)",
@@ -110,8 +110,11 @@ def remove_socket_dir(directory: str) -> None:
     shutil.rmtree(directory, ignore_errors=True)
     try:
         os.unlink(directory + RECORD_SUFFIX)
+    except FileNotFoundError:  # the kernel never got a connection file
+        pass
+    try:
         os.rmdir(os.path.dirname(directory))
-    except OSError:  # no record; other kernels' directories remain
+    except OSError:  # other kernels' directories remain
         pass
 
 

@@ -20,6 +20,7 @@ from fnmatch import fnmatchcase
 from typing import Any
 
 from .errors import SandboxError
+from .protect import sandbox_state_env, state_paths
 from .sandbox import SandboxSpec
 
 # Every option but env_keep is a SandboxSpec field of the same name.
@@ -84,14 +85,27 @@ def kernel_env(env: Mapping[str, str], keep: Sequence[str],
             if name in from_kernelspec or any(fnmatchcase(name, p) for p in keep)}
 
 
+def sandboxed_kernel_env(env: Mapping[str, str], keep: Sequence[str],
+                         kernelspec_env: Iterable[str], spec: SandboxSpec,
+                         kernelspec_name: str) -> dict[str, str]:
+    """A sandboxed kernel's whole environment, under the provisioner or its launcher."""
+    out = kernel_env(env, keep, kernelspec_env)
+    # The kernel's parent is the init, PID 1 inside: ipykernel skips its
+    # parent poller for PID 1 and, seeing a parent at all, prints no
+    # "standalone kernel" banner into the server's log.
+    out["JPY_PARENT_PID"] = "1"
+    out.update(sandbox_state_env(state_paths(spec, kernelspec_name), out))
+    return out
+
+
 # Directories every program shares; hiding one would hide far more than
 # Jupyter's files (private_tmp already gives the kernel its own).
 SHARED_DIRS = ("/", "/tmp", "/var/tmp")
 
 
 def hide_runtime_dirs(spec: SandboxSpec, runtime_dirs: Iterable[str],
-                      connection_file: str) -> SandboxSpec:
-    """`spec` with Jupyter's runtime dirs hidden and only this kernel's file in them shown.
+                      *connection_files: str) -> SandboxSpec:
+    """`spec` with Jupyter's runtime dirs hidden and only this kernel's file(s) in them shown.
 
     The runtime dir holds every kernel's connection file (their HMAC keys)
     and the server's cookie secret. The more specific path wins, so the
@@ -105,7 +119,7 @@ def hide_runtime_dirs(spec: SandboxSpec, runtime_dirs: Iterable[str],
         # one not yet made holds no secret; mounts.py wants existing paths
         if path not in hidden and path not in shared and os.path.isdir(path):
             hidden.append(path)
-    readonly = [*spec.readonly_paths, os.path.realpath(connection_file)]
+    readonly = [*spec.readonly_paths, *(os.path.realpath(f) for f in connection_files)]
     return replace(spec, hidden_paths=tuple(hidden), readonly_paths=tuple(readonly))
 
 
@@ -123,6 +137,8 @@ def visible_in_sandbox(path: str, spec: SandboxSpec, cwd: str) -> bool:
     if spec.private_tmp:
         # a fresh tmpfs inside: the host's files there are not the kernel's
         rules += [("/tmp", False), ("/var/tmp", False)]
+    if spec.private_run:
+        rules += [("/run", False)]
     rules += [(_expand(p, cwd), False) for p in spec.hidden_paths]
     rules += [(_expand(p, cwd), True) for p in (*spec.readonly_paths, *spec.readwrite_paths)]
     real = os.path.realpath(path)

@@ -1,9 +1,11 @@
 """Wrap an installed kernelspec so that its kernels start in a sandbox.
 
-The new kernelspec is a copy of the source (argv, env, language,
-interrupt_mode, metadata and resource files such as logos) with
-metadata.kernel_provisioner naming namespace-provisioner and the options
-given with --config. Example:
+The new kernelspec is a copy of the source (env, language, interrupt_mode,
+metadata and resource files such as logos) with metadata.kernel_provisioner
+naming namespace-provisioner and the options given with --config, and the
+source's argv behind the sandboxing launcher (nsprovisioner.kernel_launcher),
+so that a client that ignores provisioners still starts it in its sandbox.
+Example:
 
     jupyter nsprovisioner install --from python3 --name python3-sandboxed \\
         --config memory_limit=2G --config network=none --user
@@ -23,10 +25,10 @@ from typing import Any
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
 from .errors import SandboxError
+from .kernel_launcher import PROVISIONER_NAME, wrap_argv
 from .kernelsandbox import CONFIG_KEYS, check_env_keep, check_keys, merge_spec
 from .provisioner import NamespaceProvisioner
 
-PROVISIONER_NAME = "namespace-provisioner"
 # jupyter_client finds kernels by directory name, case-insensitively
 NAME_PATTERN = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
 
@@ -82,10 +84,12 @@ def check_name(name: str) -> str:
     return name.lower()
 
 
-def wrapped_kernel_json(source: dict[str, Any], display_name: str,
+def wrapped_kernel_json(source: dict[str, Any], name: str, display_name: str,
                         options: dict[str, Any]) -> dict[str, Any]:
-    """The source's kernel.json with the provisioner stanza replaced by ours."""
+    """The source's kernel.json with the provisioner stanza replaced by ours and its
+    argv behind the launcher (this Python runs it: it has nsprovisioner)."""
     spec = dict(source)
+    spec["argv"] = wrap_argv(source.get("argv") or [], name, sys.executable)
     spec["display_name"] = display_name
     metadata = dict(spec.get("metadata") or {})
     metadata["kernel_provisioner"] = {"provisioner_name": PROVISIONER_NAME, "config": options}
@@ -120,7 +124,7 @@ def install(source_name: str, name: str, display_name: str | None, options: dict
         target = os.path.join(staging, name)
         shutil.copytree(source_dir, target)
         with open(os.path.join(target, "kernel.json"), "w") as f:
-            json.dump(wrapped_kernel_json(source, title, options), f, indent=2)
+            json.dump(wrapped_kernel_json(source, name, title, options), f, indent=2)
             f.write("\n")
         try:
             return str(ksm.install_kernel_spec(target, name, user=user, prefix=prefix))

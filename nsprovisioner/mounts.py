@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from ._nsexec import lib
 from .errors import SandboxError
-from .protect import protected_paths
+from .protect import interpreter_prefix, protected_paths
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -387,6 +387,9 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
     """
     user_paths = resolve_paths(spec, cwd, pins)
     added = add_protection(spec, user_paths, argv0)
+    interpreter = _hidden_interpreter(spec, argv0)
+    if interpreter is not None and interpreter not in user_paths:
+        user_paths[interpreter] = "readonly"
     p = _Planner()
     p.ops += _fixed_ops(_Planner._staging)
     if spec.readonly_root:
@@ -414,6 +417,17 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
 
     p.add(lib.NSX_MNT_PIVOT, NEWROOT)
     return p.ops
+
+
+def _hidden_interpreter(spec: SandboxSpec, argv0: str | None) -> str | None:
+    """The installation of a command that the private /tmp or /var/tmp would hide
+    (a venv made there by a CI system or a tool), to be bound back read-only."""
+    prefix = interpreter_prefix(argv0) if argv0 else None
+    if prefix is None or not spec.private_tmp or not os.path.isdir(prefix):
+        return None
+    real = os.path.realpath(prefix)
+    hidden = [t for t in ("/tmp", "/var/tmp") if real != t and _within(real, t)]
+    return real if hidden else None
 
 
 def _plan_own(p: _Planner, spec: SandboxSpec, path: str) -> None:

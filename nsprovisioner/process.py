@@ -7,6 +7,8 @@ race-free against pid reuse.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import os
 import signal
 from collections.abc import Callable
@@ -37,6 +39,7 @@ class SandboxProcess:
         self.stderr = stderr
         self.cgroup = cgroup
         self._exit_callbacks: list[Callable[[SandboxProcess], None]] = []
+        self._cgroup_removed: concurrent.futures.Future[None] | None = None
 
     def __repr__(self) -> str:
         return f"<SandboxProcess pid={self.pid} returncode={self.returncode}>"
@@ -73,14 +76,17 @@ class SandboxProcess:
         for callback in callbacks:
             callback(self)
         # Whatever the command left behind (daemons in other sessions can't
-        # exist: the pid namespace died with the init) goes with its cgroup.
+        # exist: the pid namespace died with the init) goes with its cgroup;
+        # removing it may wait for killed processes: not on the event loop.
         if self.cgroup is not None:
-            self.cgroup.kill_and_remove()
+            self._cgroup_removed = self.cgroup.remove_in_background()
 
     async def wait(self) -> int:
-        """Wait for the init to exit; its returncode."""
+        """Wait for the init to exit (and its cgroup to be removed); its returncode."""
         while self.poll() is None:
             await readable(self.pidfd)
+        if self._cgroup_removed is not None:
+            await asyncio.wrap_future(self._cgroup_removed)
         assert self.returncode is not None
         return self.returncode
 

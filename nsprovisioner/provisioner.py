@@ -24,7 +24,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_core.paths import jupyter_runtime_dir
 from traitlets import Bool, Dict, Float, Int, List, Unicode, Union
 
-from .cgroup_sweep import sweep_stale_cgroups
+from .cgroup_layout import sweep_stale_cgroups
 from .errors import SandboxError
 from .ipcdir import endpoint as socket_endpoint
 from .ipcdir import (
@@ -34,19 +34,19 @@ from .ipcdir import (
     remove_socket_dir,
     sweep_dead_servers,
 )
+from .kernel_launcher import kernel_argv
 from .kernelsandbox import (
     CONFIG_KEYS,
     DEFAULT_ENV_KEEP,
     check_env_keep,
     check_keys,
     hide_runtime_dirs,
-    kernel_env,
     merge_spec,
+    sandboxed_kernel_env,
     visible_in_sandbox,
 )
 from .mounts import PathPins
 from .process import SandboxProcess
-from .protect import sandbox_state_env, state_paths
 from .relay import OutputRelay
 from .sandbox import (
     DEFAULT_NAMESPACES,
@@ -228,15 +228,13 @@ class NamespaceProvisioner(LocalProvisioner):
 
     def _finalize_env(self, env: dict[str, str]) -> None:
         super()._finalize_env(env)
-        kept = kernel_env(env, self.env_allowed, getattr(self.kernel_spec, "env", {}) or {})
+        if self.spec is None:
+            raise SandboxError("the kernel's environment was asked for before its sandbox")
+        kept = sandboxed_kernel_env(env, self.env_allowed,
+                                    getattr(self.kernel_spec, "env", {}) or {}, self.spec,
+                                    self.kernelspec_name)
         env.clear()
         env.update(kept)
-        # The kernel's parent is the init, PID 1 inside: ipykernel skips its
-        # parent poller for PID 1 and, seeing a parent at all, prints no
-        # "standalone kernel" banner into the server's log.
-        env["JPY_PARENT_PID"] = "1"
-        if self.spec is not None:
-            env.update(sandbox_state_env(state_paths(self.spec, self.kernelspec_name), env))
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         """Start the kernel in a new sandbox; a SandboxError leaves no file or process behind."""
@@ -247,6 +245,7 @@ class NamespaceProvisioner(LocalProvisioner):
         # relay into the log, unless the caller asked for pipes or nothing.
         stdio = [kwargs.get(name) for name in ("stdout", "stderr")]
         stdout, stderr = (s if s in (PIPE, DEVNULL) else PIPE for s in stdio)
+        cmd = kernel_argv(cmd)  # we are the sandbox the kernelspec's launcher prefix asks for
         try:
             proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
                                stdin=DEVNULL, stdout=stdout, stderr=stderr,

@@ -9,7 +9,9 @@ and kills and removes it all at the end.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import concurrent.futures
 import errno
 import logging
 import os
@@ -18,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .cgroup_layout import group_lock
 from .cgroupfs import CgroupHost, Hierarchy, parse_keyed, read_keyed, read_pids
 from .errors import SandboxError
 
@@ -28,9 +31,22 @@ FREEZE_TIMEOUT = 2.0
 # Accounting files only cgroup v1 has (v2: memory.events, memory.current, cpu.stat)
 V1_ONLY_FILES = frozenset({"memory.oom_control", "memory.usage_in_bytes", "cpuacct.usage"})
 
-# Held while group directories are made or removed, so that one sandbox's
-# removal can't rmdir the group another thread is creating a sandbox in.
-group_lock = threading.Lock()
+
+# Removal waits for killed processes to exit, so it runs off the event loop;
+# a restarted kernel reuses its directory name, so its start waits for the
+# removal of the same name (removal_of).
+_remover = concurrent.futures.ThreadPoolExecutor(max_workers=2,
+                                                 thread_name_prefix="nsprov-cgroup")
+_removing: dict[str, concurrent.futures.Future[None]] = {}
+_removing_lock = threading.Lock()
+
+
+async def removal_of(dir_name: str) -> None:
+    """Wait until the sandbox cgroup named `dir_name` being removed is gone."""
+    with _removing_lock:
+        pending = _removing.get(dir_name)
+    if pending is not None:
+        await asyncio.wrap_future(pending)
 
 
 @dataclass(frozen=True)
@@ -158,6 +174,20 @@ class SandboxCgroup:
             except OSError:
                 pass
         return found
+
+    def remove_in_background(self) -> concurrent.futures.Future[None]:
+        """kill_and_remove() in a worker thread; its future."""
+        name = os.path.basename(self.paths[0]) if self.paths else ""
+        with _removing_lock:
+            pending = _removing[name] = _remover.submit(self.kill_and_remove)
+
+        def forget(done: concurrent.futures.Future[None]) -> None:
+            with _removing_lock:
+                if _removing.get(name) is done:
+                    del _removing[name]
+
+        pending.add_done_callback(forget)
+        return pending
 
     def kill_and_remove(self) -> None:
         """Kill everything left inside and remove the cgroup; idempotent."""

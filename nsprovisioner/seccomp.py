@@ -17,6 +17,8 @@ from typing import Any
 
 from cffi import FFI
 
+from ._nsexec import ffi as kernel_ffi
+from ._nsexec import lib as kernel
 from .errors import SandboxError
 
 log = logging.getLogger(__name__)
@@ -24,14 +26,13 @@ log = logging.getLogger(__name__)
 LIBSECCOMP = "libseccomp.so.2"
 ARCHES = ("x86_64", "x86", "x32")  # the native one must be first; others where known
 
+# The functions, loaded at run time (a host without libseccomp still runs
+# sandboxes with seccomp = "off", or warns with strict = false). Their
+# constants and struct scmp_arg_cmp come from <seccomp.h> through the
+# compiler, in the _nsexec extension; the array of comparisons is passed here
+# as the pointer it is.
 _CDEF = """
 typedef void *scmp_filter_ctx;
-struct scmp_arg_cmp {
-    unsigned int arg;
-    int op;
-    uint64_t datum_a;
-    uint64_t datum_b;
-};
 scmp_filter_ctx seccomp_init(uint32_t def_action);
 void seccomp_release(scmp_filter_ctx ctx);
 uint32_t seccomp_arch_native(void);
@@ -39,19 +40,19 @@ uint32_t seccomp_arch_resolve_name(const char *arch_name);
 int seccomp_arch_add(scmp_filter_ctx ctx, uint32_t arch_token);
 int seccomp_syscall_resolve_name(const char *name);
 int seccomp_rule_add_array(scmp_filter_ctx ctx, uint32_t action, int syscall,
-                           unsigned int arg_cnt, const struct scmp_arg_cmp *arg_array);
+                           unsigned int arg_cnt, const void *arg_array);
 int seccomp_export_bpf(const scmp_filter_ctx ctx, int fd);
 int seccomp_attr_set(scmp_filter_ctx ctx, int attr, uint32_t value);
 """
 
-SCMP_ACT_ALLOW = 0x7FFF0000
-SCMP_FLTATR_CTL_OPTIMIZE = 8
-OPTIMIZE_BINARY_TREE = 2
-SCMP_CMP_MASKED_EQ = 7
-NR_SCMP_ERROR = -1
-CLONE_NEWUSER = 0x10000000
-TIOCSTI = 0x5412
-TIOCLINUX = 0x541C
+SCMP_ACT_ALLOW = kernel.SCMP_ACT_ALLOW
+SCMP_FLTATR_CTL_OPTIMIZE = kernel.SCMP_FLTATR_CTL_OPTIMIZE
+OPTIMIZE_BINARY_TREE = 2  # the attribute's value for a binary tree (libseccomp's docs)
+SCMP_CMP_MASKED_EQ = kernel.SCMP_CMP_MASKED_EQ
+NR_SCMP_ERROR = kernel.__NR_SCMP_ERROR
+CLONE_NEWUSER = kernel.CLONE_NEWUSER
+TIOCSTI = kernel.TIOCSTI
+TIOCLINUX = kernel.TIOCLINUX
 
 # Calls no kernel needs that reach into the host kernel's shared state, or
 # would let code inside rearrange its own mounts (every mount is already
@@ -81,7 +82,8 @@ ENOSYS_CALLS = ("clone3",)
 
 
 def _errno_action(err: int) -> int:
-    return 0x00050000 | (err & 0xFFFF)
+    result: int = kernel.nsx_scmp_act_errno(err)  # SCMP_ACT_ERRNO(), a macro
+    return result
 
 
 def _load_libseccomp() -> tuple[FFI, Any]:
@@ -113,10 +115,12 @@ def _compile(ffi: FFI, sc: Any) -> bytes:
             if nr == NR_SCMP_ERROR:
                 raise SandboxError(f"libseccomp does not know the syscall {name}",
                                    hint="update libseccomp (`apt-get install libseccomp2`)")
-            args = ffi.new("struct scmp_arg_cmp[]", [
+            args = kernel_ffi.new("struct scmp_arg_cmp[]", [
                 {"arg": arg, "op": SCMP_CMP_MASKED_EQ, "datum_a": mask, "datum_b": value}
                 for arg, mask, value in cmps] or 1)
-            rc = sc.seccomp_rule_add_array(ctx, action, nr, len(cmps), args)
+            address = int(kernel_ffi.cast("uintptr_t", args))
+            rc = sc.seccomp_rule_add_array(ctx, action, nr, len(cmps),
+                                           ffi.cast("const void *", address))
             if rc < 0:
                 raise SandboxError(f"seccomp rule for {name} can't be added", errno=-rc)
 

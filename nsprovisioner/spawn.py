@@ -1,50 +1,58 @@
 """spawn(): start a command in a new sandbox and hand back its init.
 
-This is the Parent of the seed's diagram. It validates and builds every
-buffer the C stages need, clones the Child through csrc/nsexec.c, drives the
+This is the Parent of the seed's diagram. It validates and plans everything
+the helper (csrc/, the seed's Child and GrandChild, then the init) needs,
+starts the helper through csrc/nsclone.c, sends it the plan, drives the
 handshake (handshake.py), and on any failure kills and reaps what it started
 and closes every fd it opened before raising one SandboxError.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import resource
 import socket
 import subprocess
-import threading
 from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from typing import IO, Any
 
 from ._nsexec import ffi, lib
+from .cgroup_layout import sandbox_dir_name
 from .cgroups import SandboxCgroup, create_cgroup
 from .errors import STEP_VALUES, SandboxError
-from .handshake import Handshake, SyncChannel, give_back_stack, run_handshake, take_stack
-from .idmap import IdRange, check_helper_map, needs_helper, write_id_maps
-from .initexe import init_memfd, init_path
+from .handshake import Handshake, SyncChannel, run_handshake
+from .idmap import check_helper_map, needs_helper, write_id_maps
+from .initexe import helper_command
 from .mounts import MountOp, PathPins, plan_mounts
+from .plan import Plan
 from .process import SandboxProcess
+from .protect import SANDBOX_SITE, sandbox_state_env, state_paths
 from .sandbox import SandboxSpec, check_argv, check_env
+from .sandbox_cgroup import removal_of
 from .seccomp import build_filter
 
 PIPE = subprocess.PIPE
 DEVNULL = subprocess.DEVNULL
 Stdio = int | IO[Any] | None
 
-CLONE_FLAGS = {"mount": 0x00020000, "uts": 0x04000000, "ipc": 0x08000000,
-               "pid": 0x20000000, "net": 0x40000000}
+CLONE_FLAGS = {"mount": lib.CLONE_NEWNS, "uts": lib.CLONE_NEWUTS, "ipc": lib.CLONE_NEWIPC,
+               "pid": lib.CLONE_NEWPID, "net": lib.CLONE_NEWNET}
+# How the fault switch (tests only) makes its step fail.
+FAULT_KINDS = {"eio": lib.NSX_FAULT_EIO, "segv": lib.NSX_FAULT_SEGV,
+               "abrt": lib.NSX_FAULT_ABRT, "memory": lib.NSX_FAULT_MEMORY}
 
 
 def resolve_command(name: str, env: Mapping[str, str]) -> str:
-    """argv[0] as a path: exec in the GrandChild can't search PATH (no malloc)."""
+    """argv[0] as a path, as the host sees it (the mount plan protects its prefix)."""
     if "/" in name:
         return name
     for directory in env.get("PATH", os.defpath).split(os.pathsep):
         candidate = os.path.join(directory or ".", name)
         if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
-    return name  # exec fails with ENOENT and reports it
+    return name
 
 
 def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
@@ -82,32 +90,6 @@ def rlimits(spec: SandboxSpec) -> list[tuple[int, int]]:
     hard = resource.getrlimit(resource.RLIMIT_NPROC)[1]  # only root could raise it
     limit = spec.nproc_limit if hard == resource.RLIM_INFINITY else min(spec.nproc_limit, hard)
     return [(resource.RLIMIT_NPROC, limit)]
-
-
-def outside_id(ranges: Sequence[IdRange], inside: int) -> int | None:
-    for r in ranges:
-        if r.inside <= inside < r.inside + r.count:
-            return r.outside + inside - r.inside
-    return None
-
-
-def share_memory(spec: SandboxSpec) -> bool:
-    """Whether the stages may run in our memory instead of a copy (docs/design.md).
-
-    The kernel ties the dumpable flag to the memory, and resets it when a
-    process of it changes its effective ids: a GrandChild taking an identity
-    whose ids outside are not ours would make this server non-dumpable (and
-    an unprivileged one could then no longer write the next sandbox's maps).
-    A non-dumpable unprivileged server can't write a sharing Child's maps at
-    all. Both cases take the copy, where the Child's dumpable flag is its own.
-    """
-    if not lib.nsx_can_share_memory():
-        return False
-    euid, egid = os.geteuid(), os.getegid()
-    if (outside_id(spec.uid_ranges, spec.uid) != euid
-            or outside_id(spec.gid_ranges, spec.gid) != egid):
-        return False
-    return euid == 0 or lib.nsx_dumpable() == 1
 
 
 class _Stdio:
@@ -158,94 +140,6 @@ class _Stdio:
         self.parent_ends = [None, None, None]
 
 
-class _CConfig:
-    """struct nsx_config and every buffer it points to.
-
-    The stages read these buffers in place (they share our memory), so the
-    object lives until both stages are reaped or have exec'd.
-    """
-
-    def __init__(self) -> None:
-        self._keep: list[Any] = []
-        self.cfg = ffi.new("struct nsx_config *")
-
-    def string(self, text: str | None) -> Any:
-        if text is None:
-            return ffi.NULL
-        buf = ffi.new("char[]", text.encode())
-        self._keep.append(buf)
-        return buf
-
-    def buffer(self, data: bytes) -> Any:
-        buf = ffi.from_buffer(data)
-        self._keep.append(buf)
-        return buf
-
-    def keep(self, obj: Any) -> Any:
-        self._keep.append(obj)
-        return obj
-
-    def string_array(self, items: Sequence[str]) -> Any:
-        """A NULL-terminated char *[] over one buffer holding every string."""
-        encoded = [s.encode() for s in items]
-        data = self.keep(ffi.new("char[]", b"\0".join(encoded) + b"\0"))
-        arr = self.keep(ffi.new("char *[]", len(encoded) + 1))
-        offset = 0
-        for i, item in enumerate(encoded):
-            arr[i] = data + offset
-            offset += len(item) + 1
-        return arr
-
-
-class _MountTables:
-    """struct nsx_mount[] per mount plan, built once: a server starts its
-    kernels with the same few plans, and building the array was a good part
-    of the Python work per start. An entry is never changed once built, and
-    a spawn keeps the entry it uses alive (through its _CConfig) even if it
-    is evicted meanwhile."""
-
-    LIMIT = 32
-
-    def __init__(self) -> None:
-        self._tables: dict[tuple[MountOp, ...], _MountTable] = {}
-        self._lock = threading.Lock()  # servers may spawn from several threads' loops
-
-    def get(self, plan: Sequence[MountOp]) -> _MountTable:
-        key = tuple(plan)
-        with self._lock:
-            table = self._tables.get(key)
-            if table is None:
-                table = _MountTable(key)
-                if len(self._tables) >= self.LIMIT:
-                    del self._tables[next(iter(self._tables))]
-                self._tables[key] = table
-            return table
-
-
-class _MountTable:
-    """One plan as struct nsx_mount[], with the strings it points to."""
-
-    def __init__(self, plan: tuple[MountOp, ...]) -> None:
-        self._strings: dict[str, Any] = {}
-        self.count = len(plan)
-        self.array = ffi.new("struct nsx_mount[]", max(len(plan), 1))
-        for i, m in enumerate(plan):
-            self.array[i] = {"op": m.op, "flags": m.flags, "source": self._string(m.source),
-                             "target": self._string(m.target), "fstype": self._string(m.fstype),
-                             "mountflags": m.mountflags, "data": self._string(m.data),
-                             "source_dev": m.source_dev, "source_ino": m.source_ino}
-
-    def _string(self, text: str | None) -> Any:
-        if text is None:
-            return ffi.NULL
-        if text not in self._strings:
-            self._strings[text] = ffi.new("char[]", text.encode())
-        return self._strings[text]
-
-
-_mount_tables = _MountTables()
-
-
 async def spawn(
     spec: SandboxSpec,
     argv: Sequence[str],
@@ -259,6 +153,7 @@ async def spawn(
     name: str | None = None,
     path_pins: PathPins | None = None,
     _fault_step: str | None = None,
+    _fault_kind: str = "eio",
 ) -> SandboxProcess:
     """Start `argv` in a new sandbox described by `spec`; returns once it is exec'd.
 
@@ -267,12 +162,21 @@ async def spawn(
     `path_pins`: what the configured paths resolved to at the first of a
     series of starts (a kernel and its restarts); a path that resolves
     elsewhere now fails the start.
-    `_fault_step` (tests only) makes the named step fail.
+    `_fault_step` (tests only) makes the named step fail, in the way
+    `_fault_kind` names: "eio", "segv", "abrt", or "memory" (the stage runs
+    into its cgroup's memory limit).
     """
     if not isinstance(spec, SandboxSpec):
         raise SandboxError(f"spec must be a SandboxSpec, not {type(spec).__name__}")
     args = check_argv(argv)
     environ = dict(os.environ if env is None else env)
+    # Home's dot entries are read-only inside (protect.py): tools write their
+    # caches and state into the sandbox's state dir instead, unless the
+    # caller (the provisioner, for one kernelspec) already said where.
+    for key, value in sandbox_state_env(state_paths(spec, "default"), environ).items():
+        if key not in environ or (key == "PYTHONPATH" and SANDBOX_SITE not in
+                                  environ[key].split(os.pathsep)):
+            environ[key] = value
     envp = check_env(environ)
     workdir = check_cwd(cwd)
     fault = 0
@@ -280,30 +184,35 @@ async def spawn(
         if _fault_step not in STEP_VALUES:
             raise SandboxError(f"unknown fault step {_fault_step!r}")
         fault = STEP_VALUES[_fault_step]
+    if _fault_kind not in FAULT_KINDS:
+        raise SandboxError(f"unknown fault kind {_fault_kind!r}")
     deny_setgroups = os.geteuid() != 0 and not needs_helper(list(spec.gid_ranges), os.getegid())
     for ranges, kind, own in ((spec.uid_ranges, "uid_map", os.geteuid()),
                               (spec.gid_ranges, "gid_map", os.getegid())):
         if needs_helper(list(ranges), own):
             check_helper_map(list(ranges), kind, own)
 
-    command = resolve_command(args[0], environ)
-    mounts = plan_mounts(spec, workdir, argv0=command, pins=path_pins)
+    mounts = plan_mounts(spec, workdir, argv0=resolve_command(args[0], environ),
+                         pins=path_pins)
     seccomp_filter = build_filter(spec.seccomp, spec.strict)
+    if name:  # a restart: the last start's cgroup of this name must be gone
+        await removal_of(sandbox_dir_name(name))
     cgroup = create_cgroup(spec, name)
     try:
-        return await _clone_and_handshake(spec, args, envp, command, workdir, mounts,
-                                          seccomp_filter, cgroup, fault, deny_setgroups,
+        return await _clone_and_handshake(spec, args, envp, workdir, mounts,
+                                          seccomp_filter, cgroup, fault,
+                                          FAULT_KINDS[_fault_kind], deny_setgroups,
                                           (stdin, stdout, stderr), pass_fds)
     except BaseException:
         if cgroup is not None:
-            cgroup.kill_and_remove()
+            await asyncio.wrap_future(cgroup.remove_in_background())
         raise
 
 
 async def _clone_and_handshake(
-    spec: SandboxSpec, args: list[str], envp: list[str], command: str,
+    spec: SandboxSpec, args: list[str], envp: list[str],
     workdir: str, mounts: Sequence[MountOp], seccomp_filter: bytes | None,
-    cgroup: SandboxCgroup | None, fault: int, deny_setgroups: bool,
+    cgroup: SandboxCgroup | None, fault: int, fault_kind: int, deny_setgroups: bool,
     stdio_specs: tuple[Stdio, Stdio, Stdio], pass_fds: Sequence[int],
 ) -> SandboxProcess:
     with ExitStack() as stack:
@@ -314,15 +223,6 @@ async def _clone_and_handshake(
             stdio.pairs.append((fd, fd))
         sync_target = max(3, max(dst for _, dst in stdio.pairs) + 1)
 
-        if spec.init:
-            exec_path = init_path()
-            exec_fd = init_memfd()
-            exec_argv = ["nsinit", "--sync-fd", str(sync_target), "--", *args]
-        else:
-            exec_path = command
-            exec_fd = -1
-            exec_argv = args
-
         child_parent, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         gc_parent, gc_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         stack.callback(child_end.close)
@@ -332,90 +232,78 @@ async def _clone_and_handshake(
         stack.callback(child.close)
         stack.callback(grandchild.close)
 
-        c = _CConfig()
-        cfg = c.cfg
-        cfg.child_sync_fd = child_end.fileno()
-        cfg.grandchild_sync_fd = gc_end.fileno()
-        cfg.parent_sync_fds = [child_parent.fileno(), gc_parent.fileno()]
-        cfg.unshare_flags = sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS)
-        cfg.unshare_cgroup = int("cgroup" in spec.namespaces)
-        cfg.loopback_up = int("net" in spec.namespaces)
-        cfg.cgroup_fd = cgroup.clone_fd if cgroup is not None else -1
-        cfg.uid = spec.uid
-        cfg.gid = spec.gid
-        cfg.drop_groups = int(not deny_setgroups)
-        cfg.hostname = c.string(spec.hostname if "uts" in spec.namespaces else None)
-        table = c.keep(_mount_tables.get(mounts))
-        cfg.mounts = table.array
-        cfg.n_mounts = table.count
-        cfg.cwd = c.string(workdir)
-        cfg.fds = c.keep(ffi.new("struct nsx_fdmap[]", [{"src": s, "dst": d}
-                                                        for s, d in stdio.pairs]))
-        cfg.n_fds = len(stdio.pairs)
-        cfg.sync_target_fd = sync_target
-        cfg.sync_keep_on_exec = int(spec.init)
-        cfg.exec_fd = exec_fd
-        cfg.exec_path = c.string(exec_path)
-        cfg.argv = c.string_array(exec_argv)
-        cfg.envp = c.string_array(envp)
-        counters = user_counters(spec)
-        cfg.user_counters = c.keep(ffi.new("struct nsx_counter[]", [
-            {"path": c.string(path), "value": c.string(value)} for path, value in counters]))
-        cfg.n_user_counters = len(counters)
-        limits = rlimits(spec)
-        cfg.rlimits = c.keep(ffi.new("struct nsx_rlimit[]", [
-            {"resource": r, "soft": v, "hard": v} for r, v in limits]))
-        cfg.n_rlimits = len(limits)
-        cfg.no_new_privs = 1
-        cfg.drop_caps = 1
-        if seccomp_filter:
-            cfg.seccomp_filter = c.buffer(seccomp_filter)
-            cfg.seccomp_len = len(seccomp_filter) // 8  # struct sock_filter
-        else:
-            cfg.seccomp_filter = ffi.NULL
-        cfg.fault_step = fault
+        plan = Plan(
+            parent_pid=os.getpid(),
+            unshare_flags=sum(CLONE_FLAGS[n] for n in spec.namespaces if n in CLONE_FLAGS),
+            unshare_cgroup="cgroup" in spec.namespaces,
+            loopback_up="net" in spec.namespaces,
+            uid=spec.uid, gid=spec.gid, drop_groups=not deny_setgroups,
+            hostname=spec.hostname if "uts" in spec.namespaces else None,
+            cwd=workdir, mounts=mounts,
+            fds=[(i, dst) for i, (_, dst) in enumerate(stdio.pairs)],
+            sync_target_fd=sync_target, init=spec.init, seccomp_filter=seccomp_filter,
+            user_counters=user_counters(spec), rlimits=rlimits(spec),
+            fault_step=fault, fault_kind=fault_kind,
+        ).encode()
 
-        cfg.grandchild_tid = grandchild_tid = ffi.new("int *")
-        pidfd = ffi.new("int *")
-        into_cgroup = ffi.new("int *")
-        cfg.share_memory = share = share_memory(spec)
-        stack = ffi.new("void **", take_stack() if share else ffi.NULL)
-        if fault == STEP_VALUES["clone_child"]:
-            give_back_stack(stack[0])
-            pid = -5
-        else:
-            pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup, stack)
-            if pid < 0 and cfg.cgroup_fd >= 0:
-                # CLONE_INTO_CGROUP refused (old kernel, not delegated): join
-                # through cgroup.procs before SYNC_USERMAP_ACK instead.
-                cfg.cgroup_fd = -1
-                pid = lib.nsx_clone_child(cfg, pidfd, into_cgroup, stack)
-        if pid < 0:
-            raise SandboxError("clone of the sandbox child failed", step="clone_child",
-                               errno=-pid)
-        # From here the stages read c's buffers in place: hs keeps them alive.
-        hs = Handshake(child_pid=pid, child_pidfd=pidfd[0], stack=stack[0],
-                       grandchild_tid=grandchild_tid, config=(c, grandchild_tid))
-        child_end.close()
-        gc_end.close()
-        stdio.close_child_ends()
-
-        async def write_maps(child_pid: int) -> None:
-            await write_id_maps(child_pid, list(spec.uid_ranges), list(spec.gid_ranges),
-                                deny_setgroups)
-
-        def attach_cgroup(child_pid: int) -> None:
-            if cgroup is not None:
-                cgroup.attach(child_pid, placed_by_clone=bool(into_cgroup[0]))
-
+        exec_fd, path, prefix = helper_command()
+        helper_argv = [*prefix, "--sync-fd", str(child_end.fileno()), "--", *args]
+        hs = Handshake()
         try:
+            hs.child_pid, hs.child_pidfd, into_cgroup = _start_helper(
+                exec_fd, path, helper_argv, envp, child_end.fileno(),
+                cgroup.clone_fd if cgroup is not None else -1, fault)
+            child_end.close()
+            await child.send_plan(plan, [gc_end.fileno(), *(src for src, _ in stdio.pairs)])
+            gc_end.close()
+            stdio.close_child_ends()
+
+            async def write_maps(child_pid: int) -> None:
+                await write_id_maps(child_pid, list(spec.uid_ranges), list(spec.gid_ranges),
+                                    deny_setgroups)
+
+            def attach_cgroup(child_pid: int) -> None:
+                if cgroup is not None:
+                    cgroup.attach(child_pid, placed_by_clone=into_cgroup)
+
             await run_handshake(hs, child, grandchild, write_maps, attach_cgroup, fault)
         except BaseException:
-            hs.abort()
+            await hs.abort()
             raise
-        hs.release()  # the Child is reaped, the GrandChild exec'd
-        proc = SandboxProcess(hs.grandchild_pid, hs.grandchild_pidfd,
+        return SandboxProcess(hs.grandchild_pid, hs.take_grandchild_pidfd(),
                               stdin=stdio.parent_ends[0], stdout=stdio.parent_ends[1],
                               stderr=stdio.parent_ends[2], cgroup=cgroup)
-        return proc
     raise AssertionError("unreachable")
+
+
+def _start_helper(exec_fd: int, path: str, argv: list[str], envp: list[str], sync_fd: int,
+                  cgroup_fd: int, fault: int) -> tuple[int, int, bool]:
+    """Clone and exec the helper: (pid, pidfd, placed in the cgroup by the clone)."""
+    if fault == STEP_VALUES["clone_child"]:
+        raise SandboxError("injected fault at clone_child", step="clone_child", errno=5)
+    keep = [ffi.new("char[]", a.encode()) for a in argv]
+    c_argv = ffi.new("char *[]", [*keep, ffi.NULL])
+    keep_env = [ffi.new("char[]", e.encode()) for e in envp]
+    c_envp = ffi.new("char *[]", [*keep_env, ffi.NULL])
+    c_path = ffi.new("char[]", path.encode())
+    pidfd = ffi.new("int *")
+    exec_failed = ffi.new("int *")
+    memfd_errno = ffi.new("int *")
+    pid = lib.nsx_start_helper(exec_fd, c_path, c_argv, c_envp, sync_fd, cgroup_fd, pidfd,
+                               exec_failed, memfd_errno)
+    into_cgroup = cgroup_fd >= 0
+    if pid < 0 and not exec_failed[0] and cgroup_fd >= 0:
+        # CLONE_INTO_CGROUP refused (not delegated, a v1 hierarchy): join
+        # through cgroup.procs before SYNC_USERMAP_ACK instead.
+        into_cgroup = False
+        pid = lib.nsx_start_helper(exec_fd, c_path, c_argv, c_envp, sync_fd, -1, pidfd,
+                                   exec_failed, memfd_errno)
+    if pid < 0 and exec_failed[0]:
+        memfd = (f" (its sealed copy's exec failed first: {os.strerror(memfd_errno[0])})"
+                 if memfd_errno[0] else "")
+        raise SandboxError(f"exec of the sandbox helper {path} failed{memfd}", step="clone_child",
+                           errno=-pid, hint="reinstall nsprovisioner; `jupyter nsprovisioner "
+                           "doctor` checks the helper")
+    if pid < 0:
+        raise SandboxError("clone of the sandbox helper failed", step="clone_child", errno=-pid)
+    return pid, pidfd[0], into_cgroup

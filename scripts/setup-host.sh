@@ -11,7 +11,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 VENV=${VENV:-/opt/nsprovisioner-venv}
 
-packages=(python3 python3-venv python3-dev gcc libc6-dev uidmap libseccomp2 util-linux
+packages=(python3 python3-venv python3-dev gcc libc6-dev uidmap libseccomp2 libseccomp-dev util-linux
           procps passwd valgrind)
 missing=()
 for p in "${packages[@]}"; do

@@ -338,7 +338,9 @@ def test_bad_path_is_a_clear_error_before_clone(no_leaks: None, key: str, value:
     assert info.value.step is None  # raised in Python, nothing was cloned
 
 
-def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir: Path) -> None:
+def test_ipython_history_and_caches_in_the_state_dir(no_leaks: None, home: Path,
+                                                     workdir: Path) -> None:
+    """Home's dot entries are read-only; the sandbox's state dir takes what tools write."""
     r = probe(SandboxSpec(), """
         import subprocess
         proc = subprocess.run([sys.executable, "-m", "IPython", "--quick", "--HistoryManager.enabled=True",
@@ -356,10 +358,12 @@ def test_ipython_history_and_caches_in_home(no_leaks: None, home: Path, workdir:
     code, stdout, stderr = r["ipython"]
     assert code == 0 and stdout.endswith("42"), stderr
     assert "warn" not in stderr.lower() and "warn" not in r["stderr"].lower(), stderr
-    assert list(home.glob(".ipython/profile_*/history.sqlite"))
+    state = home / ".local/share/nsprovisioner/sandbox"
+    assert list(state.glob("ipython/profile_*/history.sqlite"))
+    assert not (home / ".ipython/profile_default/history.sqlite").exists()
     code, cachedir, stderr = r["mpl"]
     assert code == 0, stderr
-    assert cachedir.startswith(str(home)) and "warn" not in stderr.lower(), stderr
+    assert cachedir.startswith(str(state)) and "warn" not in stderr.lower(), stderr
     assert list(Path(cachedir).glob("fontlist*.json"))
 
 
@@ -374,3 +378,24 @@ def test_no_namespace_can_be_made_inside_even_without_seccomp(no_leaks: None) ->
         out["net"] = sys_err(libc.unshare(0x40000000))
     """)
     assert (r["user"], r["net"]) == ("ENOSPC", "EPERM")
+
+
+def test_an_interpreter_under_the_private_tmp_is_bound_back_read_only(
+        no_leaks: None, tmp_path: Path) -> None:
+    """A venv made under /tmp (CI systems, tools) would vanish under the private /tmp."""
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    tool = venv / "bin" / "tool"
+    tool.write_text("#!/bin/sh\necho ran; touch \"$0.x\" 2>/dev/null || echo read-only\n")
+    tool.chmod(0o755)
+
+    async def main() -> tuple[int, bytes]:
+        proc = await spawn(SandboxSpec(readwrite_paths=()), [str(tool)], cwd="/",
+                           stdout=PIPE)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        code = await proc.wait()
+        proc.close_pipes()
+        return code, out
+
+    assert run(main()) == (0, b"ran\nread-only\n")

@@ -29,7 +29,12 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroup_sweep import sweep_stale_cgroups
+from nsprovisioner.cgroup_layout import (
+    SERVER_LEAF,
+    group_name,
+    parent_directory,
+    sweep_stale_cgroups,
+)
 from nsprovisioner.cgroupfs import (
     CgroupHost,
     Hierarchy,
@@ -37,12 +42,7 @@ from nsprovisioner.cgroupfs import (
     pid_namespace_id,
     process_start_time,
 )
-from nsprovisioner.cgroups import (
-    SERVER_LEAF,
-    create_cgroup,
-    group_name,
-    parent_directory,
-)
+from nsprovisioner.cgroups import create_cgroup
 from nsprovisioner.process import SandboxProcess
 from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
 
@@ -469,12 +469,25 @@ def test_same_name_twice_gets_two_cgroups(no_leaks: None, no_cgroup_left: None) 
 
 
 @pytest.mark.parametrize("step", ["write_id_maps", "cgroup_attach", "clone_grandchild",
-                                  "unshare_cgroup", "exec"])
+                                  "unshare_cgroup", "init_exec"])
 def test_no_cgroup_left_after_failed_launch(step: str, no_leaks: None,
                                             no_cgroup_left: None) -> None:
     _need(CANT_LIMIT)
     with pytest.raises(SandboxError):
         run(spawn(LIMITS, ["true"], _fault_step=step))
+    assert not our_groups()
+
+
+@pytest.mark.parametrize("step, kind", [("unshare_user", "segv"), ("mount", "abrt"),
+                                        ("init_fork", "segv"),
+                                        ("unshare_namespaces", "memory")])
+def test_no_cgroup_left_after_a_stage_crashed(step: str, kind: str, no_leaks: None,
+                                              no_cgroup_left: None) -> None:
+    """A stage killed by a signal or by its cgroup's memory limit (64M: the
+    stage touches up to 256 MiB) takes nothing of the server's with it."""
+    _need(CANT_LIMIT)
+    with pytest.raises(SandboxError, match="killed by SIG"):
+        run(spawn(LIMITS, ["true"], _fault_step=step, _fault_kind=kind))
     assert not our_groups()
 
 
@@ -907,7 +920,7 @@ def test_fake_v2_threaded_controllers_never_go_where_processes_are(tmp_path: Pat
 def test_fake_v2_without_limits_leaves_the_parent_alone(tmp_path: Path) -> None:
     fake = FakeCgroupfs(tmp_path, own="/app", controllers="memory pids", delegated="memory pids")
     fake.add_process("/app", os.getpid())
-    # no nproc_limit either: a root server's kernels get it as pids.max (default_pids)
+    # (nproc_limit's pids.max default, which a root server's sandboxes get, is a limit)
     cgroup = create_cgroup(SandboxSpec(nproc_limit=None), "k", host=fake)
     assert cgroup is not None
     try:

@@ -135,6 +135,13 @@ def test_no_libseccomp_blocks_the_default_kernel() -> None:
     assert not can_run_kernel(checks)
 
 
+def test_a_kernel_below_the_floor_fails_even_with_every_probe_passing() -> None:
+    checks = diagnose(healthy_host(kernel="5.10.0-28-amd64"))
+    assert by_name(checks, "kernel").status == "FAIL"
+    assert "5.12" in by_name(checks, "kernel").fix
+    assert not can_run_kernel(checks)
+
+
 def test_old_kernel_without_pidfd_fails() -> None:
     checks = diagnose(healthy_host(pidfd=False, clone3=False, close_range=False, kernel="4.19"))
     assert by_name(checks, "kernel").status == "FAIL"

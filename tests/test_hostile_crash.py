@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from nsprovisioner.cgroups import group_name
+from nsprovisioner.cgroup_layout import group_name
 from nsprovisioner.sandbox_cgroup import CgroupDir, SandboxCgroup
 
 from .hostile import SANDBOXED, ServerProcess, make_host

@@ -14,6 +14,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from nsprovisioner.cli import main as cli_main
+from nsprovisioner.kernel_launcher import kernel_argv
 
 from .conftest import run
 
@@ -45,7 +46,9 @@ def test_install_copies_the_source_and_adds_the_provisioner(jupyter_dirs: Path) 
                      "--config", "memory_limit=1G", "--config", "pids_limit=100",
                      "--config", 'readonly_paths=["/usr"]']) == 0
     spec = installed(jupyter_dirs / "data", "src-sandboxed")
-    assert spec["argv"][1:] == ["-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    assert spec["argv"][:3] == [sys.executable, "-m", "nsprovisioner.kernel_launcher"]
+    assert kernel_argv(spec["argv"]) == [sys.executable, "-m", "ipykernel_launcher", "-f",
+                                         "{connection_file}"]
     assert spec["env"] == {"FOO": "bar"} and spec["interrupt_mode"] == "message"
     assert spec["display_name"] == "Source (sandboxed)"
     assert spec["metadata"]["debugger"] is True

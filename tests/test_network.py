@@ -6,6 +6,7 @@ in the parity tests: test_provisioner.py's "nonet" variant, test_server.py.)
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -20,7 +21,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
 from nsprovisioner import SandboxError
-from nsprovisioner.ipcdir import MAX_SOCKET_PATH, sockets_parent
+from nsprovisioner.ipcdir import MAX_SOCKET_PATH, server_dir, sockets_parent
 
 from .conftest import execute_ok, run
 
@@ -144,7 +145,11 @@ def test_a_kernel_cannot_reach_another_kernels_sockets(kernels: Path) -> None:
 
 
 def kernel_dirs() -> set[str]:
-    return set(os.listdir(sockets_parent()))
+    """This server's kernels' socket dirs and connection-file records (its own dir may
+    stay while it lives; other servers on the machine have theirs)."""
+    parent = sockets_parent()
+    mine = os.path.basename(server_dir())
+    return {entry for entry in os.listdir(os.path.join(parent, mine))}
 
 
 def test_socket_files_are_removed_on_shutdown_restart_and_failure(kernels: Path) -> None:
@@ -157,8 +162,14 @@ def test_socket_files_are_removed_on_shutdown_restart_and_failure(kernels: Path)
             sockets = sorted(os.listdir(directory))
             assert len(sockets) == 5
             await km.restart_kernel()
-            await kc.wait_for_ready(timeout=30)
+            # (wait_for_ready may take a kernel_info reply the first kernel queued
+            # before it died: wait for the new kernel's sockets themselves)
+            deadline = asyncio.get_running_loop().time() + 30
+            while (sorted(os.listdir(directory)) != sockets
+                   and asyncio.get_running_loop().time() < deadline):
+                await asyncio.sleep(0.05)
             assert sorted(os.listdir(directory)) == sockets  # remade, same paths
+            await kc.wait_for_ready(timeout=30)
         assert not os.path.exists(directory)
         with pytest.raises(SandboxError, match="no-such-kernel"):
             await manager(kernels, "broken").start_kernel()

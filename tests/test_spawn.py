@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from nsprovisioner import PIPE, SandboxError, SandboxSpec, spawn
-from nsprovisioner.cgroup_sweep import sweep_stale_cgroups
+from nsprovisioner.cgroup_layout import sweep_stale_cgroups
 from nsprovisioner.errors import STEP_NAMES
 from nsprovisioner.idmap import subordinate_ranges
 
@@ -210,14 +210,23 @@ def test_orphans_are_reaped_by_the_init(no_leaks: None) -> None:
     assert "Z" not in out.split(), out
 
 
+SHOW_PID_NS = "readlink /proc/self/ns/pid; "  # the init is not dumpable: ask the command
+
+
 def test_kill_of_init_leaves_nothing_in_the_pid_namespace(no_leaks: None) -> None:
     async def main() -> None:
-        proc = await spawn(SandboxSpec(), ["sh", "-c", "sleep 100 & sleep 100 & wait"])
-        ns = os.readlink(f"/proc/{proc.pid}/ns/pid")
+        script = SHOW_PID_NS + "sleep 100 & sleep 100 & wait"
+        proc = await spawn(SandboxSpec(), ["sh", "-c", script], stdout=PIPE)
+        assert proc.stdout is not None
+        loop = asyncio.get_running_loop()
+        ns = (await loop.run_in_executor(None, proc.stdout.readline)).decode().strip()
         await asyncio.sleep(0.2)
-        assert len(processes_in_pid_ns(ns)) == 4  # init, sh, 2 x sleep
+        # init, sh, 2 x sleep (only root may look at the init's namespaces: it
+        # is not dumpable)
+        assert len(set(processes_in_pid_ns(ns)) | {proc.pid}) == 4
         proc.kill()
         assert await proc.wait() == -signal.SIGKILL
+        proc.close_pipes()
         assert processes_in_pid_ns(ns) == []
     run(main())
 
@@ -239,10 +248,11 @@ def processes_in_pid_ns(ns: str) -> list[int]:
 
 SPAWNER = """
 import asyncio, os, sys
-from nsprovisioner import SandboxSpec, spawn
+from nsprovisioner import PIPE, SandboxSpec, spawn
 async def main():
-    proc = await spawn(SandboxSpec(), ["sleep", "300"])
-    print(os.readlink(f"/proc/{proc.pid}/ns/pid"), flush=True)
+    proc = await spawn(SandboxSpec(), ["sh", "-c", "readlink /proc/self/ns/pid; exec sleep 300"],
+                       stdout=PIPE)
+    print(proc.stdout.readline().decode().strip(), flush=True)
     await proc.wait()
 asyncio.run(main())
 """
@@ -282,7 +292,7 @@ def mappings() -> int:
 
 
 def test_200_spawns_in_a_row_leak_nothing() -> None:
-    """No process, fd, or stack mapping (the stages' stacks live in our memory)."""
+    """No process, fd, or mapping."""
     async def main(n: int) -> None:
         for _ in range(n):
             proc = await spawn(SandboxSpec(), ["/bin/true"])
@@ -293,10 +303,10 @@ def test_200_spawns_in_a_row_leak_nothing() -> None:
     run(main(200))
     assert child_processes() == []
     assert open_fds() - fds == set()
-    assert mappings() - maps < 20  # a leaked stack is 2 mappings per spawn
+    assert mappings() - maps < 20
 
 
-def test_concurrent_spawns_from_threads_while_others_allocate(memory_mode: str) -> None:
+def test_concurrent_spawns_from_threads_while_others_allocate() -> None:
     stop = threading.Event()
     errors: list[BaseException] = []
 
@@ -331,28 +341,65 @@ def test_concurrent_spawns_from_threads_while_others_allocate(memory_mode: str) 
     assert open_fds() - fds == set()
 
 
-# Steps the fault switch can fail in a default spawn; what the error must say.
-FAULT_STEPS = [name for value, name in sorted(STEP_NAMES.items())
-               if value and not name.startswith("init_")
-               and name not in ("hostname_",)]
+# Every step the fault switch can fail; the error must name it.
+FAULT_STEPS = [name for value, name in sorted(STEP_NAMES.items()) if value]
+# The steps that run in the helper (the Child, GrandChild and init), where it
+# can crash; the Parent's own steps are Python, and raise.
+STAGE_STEPS = [name for value, name in sorted(STEP_NAMES.items()) if value >= 10]
 
 
-@pytest.fixture(params=["shared", "copied"])
-def memory_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Both ways the stages run: in the server's memory, and in a copy (taken when
-    the identity maps elsewhere, and on other architectures)."""
-    if request.param == "copied":
-        monkeypatch.setattr(sys.modules["nsprovisioner.spawn"], "share_memory",
-                            lambda spec: False)
-    return str(request.param)
+def fault_spec(step: str) -> SandboxSpec:
+    """A spec that runs `step`: the GrandChild's exec is the command's only without init."""
+    if step == "loopback":
+        return SandboxSpec(network="none")
+    if step == "exec":
+        return SandboxSpec(init=False)
+    return SandboxSpec()
 
 
 @pytest.mark.parametrize("step", FAULT_STEPS)
-def test_each_step_failing_leaks_nothing(step: str, memory_mode: str, no_leaks: None) -> None:
-    spec = SandboxSpec(network="none") if step == "loopback" else SandboxSpec()
+def test_each_step_failing_leaks_nothing(step: str, no_leaks: None) -> None:
     with pytest.raises(SandboxError) as info:
-        run(spawn(spec, ["/bin/true"], _fault_step=step))
+        run(spawn(fault_spec(step), ["/bin/true"], _fault_step=step))
     assert step in str(info.value)
+
+
+async def spawn_and_wait(spec: SandboxSpec) -> int:
+    proc = await spawn(spec, ["/bin/true"])
+    return await proc.wait()
+
+
+@pytest.mark.parametrize("kind", ["segv", "abrt"])
+@pytest.mark.parametrize("step", STAGE_STEPS)
+def test_a_stage_crashing_at_any_step_leaves_the_server_unharmed(
+        step: str, kind: str, no_leaks: None) -> None:
+    """The stages are processes of their own: a crash kills only the stage,
+    the start fails with a SandboxError, and the next start works. (Past the
+    init's fork the crash is the command's process's: the init reports it.)"""
+    async def main() -> int | None:
+        try:
+            proc = await spawn(fault_spec(step), ["/bin/true"], _fault_step=step,
+                               _fault_kind=kind)
+        except SandboxError as e:
+            assert "killed by SIG" in str(e)  # the crash, not a vague exit
+            return None
+        return await proc.wait()
+
+    sig = signal.SIGSEGV if kind == "segv" else signal.SIGABRT
+    status = run(main())
+    assert status is None or (step == "init_exec" and status == 128 + sig)
+    assert run(spawn_and_wait(SandboxSpec())) == 0
+
+
+@pytest.mark.parametrize("step", ["unshare_namespaces", "mount", "init_setup"])
+def test_a_stage_killed_by_its_cgroups_memory_limit_leaves_the_server_unharmed(
+        step: str, no_leaks: None) -> None:
+    """The OOM killer kills every process sharing the victim's memory: the
+    stages share none of the server's."""
+    spec = SandboxSpec(memory_limit="4M")
+    with pytest.raises(SandboxError):
+        run(spawn(spec, ["/bin/true"], _fault_step=step, _fault_kind="memory"))
+    assert run(spawn_and_wait(spec)) == 0
 
 
 @pytest.mark.parametrize("bad, named", [
@@ -475,7 +522,7 @@ def test_stages_carry_readable_process_names(monkeypatch: pytest.MonkeyPatch,
     assert names == {"child": "nsprov[1:CHILD]", "grandchild": "nsprov[2:INIT]"}
 
 
-@pytest.mark.parametrize("step", ["clone_child", "write_id_maps", "exec", None])
+@pytest.mark.parametrize("step", ["clone_child", "write_id_maps", "init_exec", None])
 def test_failed_spawn_with_pipes_leaks_nothing(step: str | None, no_leaks: None) -> None:
     argv = ["/bin/true"] if step else ["no-such-command-here"]
     with pytest.raises(SandboxError):
@@ -488,9 +535,9 @@ def dumpable() -> int:
 
 
 def test_an_identity_mapped_elsewhere_leaves_the_server_dumpable(no_leaks: None) -> None:
-    """The GrandChild taking ids that are not ours outside changes its credentials,
-    and Linux then resets the dumpable flag of its memory: that memory must not
-    be the server's (an unprivileged server could write no more maps after)."""
+    """The GrandChild taking ids that are not ours outside changes its credentials;
+    that must change nothing of the server's (an unprivileged server could
+    write no more maps after)."""
     if os.geteuid() == 0:
         outside_uid = outside_gid = 100000
     else:
@@ -505,7 +552,7 @@ def test_an_identity_mapped_elsewhere_leaves_the_server_dumpable(no_leaks: None)
     async def main() -> tuple[int, int]:
         proc = await spawn(spec, ["/bin/true"], cwd="/")
         status = await proc.wait()
-        again = await spawn(SandboxSpec(), ["/bin/true"])  # a sharing start still works
+        again = await spawn(SandboxSpec(), ["/bin/true"])
         return status, await again.wait()
 
     assert dumpable() == 1
@@ -525,8 +572,8 @@ sys.exit(asyncio.run(main()))
 
 
 def test_a_non_dumpable_server_still_starts_sandboxes() -> None:
-    """Its /proc files are root's, so an unprivileged one could not write the maps
-    of a Child sharing its memory: it gets the copy (meaningful in the rootless run)."""
+    """Its /proc files are root's; the helper's, after its exec, are its own
+    (meaningful in the rootless run)."""
     result = subprocess.run([sys.executable, "-c", NON_DUMPABLE_SERVER], capture_output=True,
                             text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
