@@ -60,7 +60,7 @@ def test_oom_killed_kernel_is_reported_and_restarted(
             kc.execute("hog = b'x' * (512 * 2**20)")  # touches every page: the OOM killer
             await asyncio.wait_for(restarted.wait(), 30 * SLOWDOWN)
             await kc.wait_for_ready(timeout=30 * SLOWDOWN)
-            reply = await kc.execute_interactive("print('back')", timeout=10 * SLOWDOWN)
+            reply = await kc.execute_interactive("print('back')", timeout=30 * SLOWDOWN)
             assert reply["content"]["status"] == "ok"
         finally:
             kc.stop_channels()
