@@ -74,10 +74,13 @@ def parent_directory(h: Hierarchy, cgroup_parent: str) -> str | None:
     own = h.directory(h.own_path)
     if own is None:
         return None
-    # An earlier sandbox moved the server into its own leaf: the parent is
-    # still the cgroup the server started in.
+    # An earlier sandbox moved the server into its own leaf, or this process
+    # was started by a server there (a terminal, `nsprovisioner run` from a
+    # notebook, a test's subprocess): the parent is still the cgroup the
+    # server started in, which holds no process now. The leaf itself holds
+    # the server: no controller could be enabled for a group below it.
     group = os.path.dirname(own)
-    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group) == group_name():
+    if os.path.basename(own) == SERVER_LEAF and os.path.basename(group).startswith(GROUP_PREFIX):
         return os.path.dirname(group)
     return own
 

@@ -317,20 +317,36 @@ class _Builder:
             self.unenforced(controllers, parent, f"{control} can't be read",
                             fix_for("writable", "", parent), e.errno or 0)
             return controllers
+        missing = controllers - enabled
+        # The no-internal-processes rule, checked before any write: Linux
+        # takes a threaded controller (cpu, pids) into a cgroup that holds
+        # processes, and that makes it a thread root, in which memory then
+        # fails with EOPNOTSUPP and below which no domain cgroup can be made.
+        # So the server leaves first, and with other processes there nothing
+        # is written.
+        if missing and self.holds_processes(parent) and (
+                not self.leave(parent) or self.holds_processes(parent)):
+            for c in sorted(missing):
+                self.enable_failed(parent, c, OSError(errno.EBUSY, os.strerror(errno.EBUSY)))
+            return missing
         failed = set()
-        for c in sorted(controllers - enabled):
+        for c in sorted(missing):
             try:
                 self.host.write(control, f"+{c}")
             except OSError as e:
-                if e.errno == errno.EBUSY and self.leave(parent):
-                    try:
-                        self.host.write(control, f"+{c}")
-                        continue
-                    except OSError as again:
-                        e = again
                 failed.add(c)
                 self.enable_failed(parent, c, e)
         return failed
+
+    def holds_processes(self, cgroup: str) -> bool:
+        """Whether the no-internal-processes rule keeps controllers from cgroup's children.
+
+        Not for the root of the hierarchy (it has no cgroup.type), which
+        Linux exempts; a cgroup namespace's root is a non-root cgroup too.
+        """
+        if not self.host.exists(os.path.join(cgroup, "cgroup.type")):
+            return False
+        return bool(read_pids(self.host, cgroup))
 
     def enable_failed(self, parent: str, c: str, e: OSError) -> None:
         if e.errno == errno.EBUSY:

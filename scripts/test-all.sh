@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh Debian machine and run the whole test suite twice: as root,
-# and as a throw-away unprivileged user (the rootless path most people use).
+# and as a throw-away unprivileged user (the rootless path most people use);
+# then the cgroup tests again on a pure cgroup-v2 kernel (scripts/vm-test.sh).
 # Run as root (CI does: .ci/run runs exactly this).
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -65,4 +66,7 @@ bash "$WORK/tests/delegate_cgroups.sh" "$TEST_USER" -- \
     PATH="$VENV/bin:/usr/local/bin:/usr/bin:/bin" NSPROV_REQUIRE_CGROUPS=1 \
     NSPROV_TEST_GPU_NODES="$GPU_NODES" \
     bash -c "cd '$WORK' && exec python -m pytest tests -q -p no:cacheprovider" || status=1
+
+echo "== the cgroup tests on a pure cgroup-v2 kernel, in a VM"
+bash "$REPO/scripts/vm-test.sh" || status=1
 exit $status

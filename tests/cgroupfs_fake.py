@@ -2,9 +2,12 @@
 
 New directories get the interface files of the controllers their parent
 enables; subtree_control refuses controllers the cgroup wasn't offered
-(ENOENT) and, outside the root, any while the cgroup holds processes
-(EBUSY, the no-internal-processes rule); cgroup.procs moves a pid; rmdir
-refuses a populated cgroup. Only for checking the files written: the real
+(ENOENT) and, outside the root, a domain controller (memory, io) while the
+cgroup holds processes (EBUSY, the no-internal-processes rule). As Linux
+does, it takes a threaded one (cpu, pids) anyway, and that makes the cgroup
+a thread root: domain controllers then fail with EOPNOTSUPP, there and in
+every cgroup below. cgroup.procs moves a pid; rmdir refuses a populated
+cgroup. Only for checking the files written: the real
 hierarchies are tested too.
 """
 
@@ -25,6 +28,8 @@ CONTROLLER_FILES = {
     "cpu": {"cpu.max": "max 100000", "cpu.weight": "100"},
     "io": {"io.max": ""},
 }
+# The controllers that work in threaded subtrees (Documentation/admin-guide/cgroup-v2.rst)
+THREADED = {"cpu", "cpuset", "perf_event", "pids"}
 
 
 class FakeCgroupfs(CgroupHost):
@@ -69,6 +74,7 @@ class FakeCgroupfs(CgroupHost):
         os.mkdir(path)
         offered = Path(path).parent.joinpath("cgroup.subtree_control").read_text().split()
         files = {"cgroup.controllers": " ".join(offered), "cgroup.subtree_control": "",
+                 "cgroup.type": "domain",
                  "cgroup.procs": "", "cgroup.events": "populated 0\nfrozen 0\n",
                  "cgroup.kill": "", "cgroup.freeze": "0", "cpu.stat": "usage_usec 0\n"}
         for c in offered:
@@ -90,6 +96,14 @@ class FakeCgroupfs(CgroupHost):
         else:
             file.write_text(text)
 
+    def _holds_processes(self, directory: Path) -> bool:
+        return directory != self.root and bool((directory / "cgroup.procs").read_text().strip())
+
+    def _thread_root(self, directory: Path) -> bool:
+        """Holds processes and enables a threaded controller (kernel/cgroup/cgroup.c)."""
+        enabled = set((directory / "cgroup.subtree_control").read_text().split())
+        return self._holds_processes(directory) and bool(enabled & THREADED)
+
     def _enable(self, directory: Path, text: str) -> None:
         enabled = (directory / "cgroup.subtree_control").read_text().split()
         offered = (directory / "cgroup.controllers").read_text().split()
@@ -97,7 +111,11 @@ class FakeCgroupfs(CgroupHost):
             c = token[1:]
             if c not in offered:
                 raise OSError(errno.ENOENT, os.strerror(errno.ENOENT), str(directory))
-            if directory != self.root and (directory / "cgroup.procs").read_text().strip():
+            below_thread_root = any(self._thread_root(p) for p in directory.parents
+                                    if p.is_relative_to(self.root))
+            if below_thread_root or (c not in THREADED and self._thread_root(directory)):
+                raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP), str(directory))
+            if c not in THREADED and self._holds_processes(directory):
                 raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), str(directory))
             if token.startswith("+") and c not in enabled:
                 enabled.append(c)

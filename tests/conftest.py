@@ -12,6 +12,10 @@ import pytest
 
 T = TypeVar("T")
 
+# How much slower than an ordinary machine this one is, for the timeouts of
+# kernel starts: scripts/vm-guest.sh sets it in its VM (qemu without KVM).
+SLOWDOWN = float(os.environ.get("NSPROV_TEST_SLOWDOWN", "1"))
+
 # Python source the boundary probes run inside a sandbox (a command, a CLI
 # run, a kernel) before their checks: err() gives errno names instead of
 # exceptions (None when the call works).

@@ -17,9 +17,9 @@ from traitlets.config import Config
 from nsprovisioner import SandboxError, SandboxSpec
 from nsprovisioner.cgroups import create_cgroup
 
-from .conftest import run
+from .conftest import SLOWDOWN, run
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120 * SLOWDOWN)
 LIMIT = "96M"
 
 
@@ -55,12 +55,12 @@ def test_oom_killed_kernel_is_reported_and_restarted(
         kc.start_channels()
         restarted = asyncio.Event()
         try:
-            await kc.wait_for_ready(timeout=30)
+            await kc.wait_for_ready(timeout=30 * SLOWDOWN)
             km.add_restart_callback(restarted.set, "restart")
             kc.execute("hog = b'x' * (512 * 2**20)")  # touches every page: the OOM killer
-            await asyncio.wait_for(restarted.wait(), 30)
-            await kc.wait_for_ready(timeout=30)
-            reply = await kc.execute_interactive("print('back')", timeout=10)
+            await asyncio.wait_for(restarted.wait(), 30 * SLOWDOWN)
+            await kc.wait_for_ready(timeout=30 * SLOWDOWN)
+            reply = await kc.execute_interactive("print('back')", timeout=30 * SLOWDOWN)
             assert reply["content"]["status"] == "ok"
         finally:
             kc.stop_channels()

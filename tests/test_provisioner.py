@@ -29,9 +29,9 @@ from traitlets.config import Config
 from nsprovisioner import SandboxError
 from nsprovisioner.provisioner import NamespaceProvisioner
 
-from .conftest import run
+from .conftest import SLOWDOWN, run
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = pytest.mark.timeout(120 * SLOWDOWN)
 
 SHIPPED_SPEC = Path(__file__).parent.parent / "share/jupyter/kernels/python3-sandboxed"
 PROVISIONERS = ["local", "namespace", "nonet", "egress"]
@@ -43,7 +43,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "nonet": ("namespace", {"network": "none"}),
     "egress": ("namespace", {"network": "egress"}),
 }
-READY_TIMEOUT = 30
+READY_TIMEOUT = 30 * SLOWDOWN
 
 
 def write_kernelspec(kernels: Path, name: str, *, provisioner: str, interrupt_mode: str = "signal",

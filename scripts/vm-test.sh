@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The cgroup-version and delegation dependent tests on a pure cgroup-v2 kernel,
+# the hosts most users have, whatever this machine's own cgroup setup is.
+# Boots Debian's kernel (linux-image-amd64) with virtme-ng under qemu over
+# this machine's filesystem (read-only, with throw-away overlays on /etc,
+# /home, /tmp ...), without KVM (nested KVM does not boot a guest everywhere;
+# TCG always does), and runs scripts/vm-guest.sh inside. Run as root (CI
+# does: scripts/test-all.sh calls it).
+#   VENV        the project's venv, installed (default /opt/nsprovisioner-venv)
+#   VNG_VENV    virtme-ng's own venv (default /opt/virtme-ng-venv)
+#   VM_KERNEL   the kernel image to boot (default: the newest /boot/vmlinuz-*)
+# Exits with the guest's status; the tests' output is shown as they run.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+VENV=${VENV:-/opt/nsprovisioner-venv}
+VNG_VENV=${VNG_VENV:-/opt/virtme-ng-venv}
+if [ "$(id -u)" -ne 0 ]; then
+    echo "vm-test.sh installs packages and makes a test user in the VM: run it as root" >&2
+    exit 1
+fi
+start=$SECONDS
+
+# qemu, a kernel to boot (its modules too: virtme-ng loads 9p and virtio
+# from them), and busybox for virtme's fallback init.
+packages=(qemu-system-x86 linux-image-amd64 busybox-static python3-venv)
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+        "${missing[@]}" >/dev/null
+fi
+if [ ! -x "$VNG_VENV/bin/vng" ]; then
+    /usr/bin/python3 -m venv "$VNG_VENV"
+    "$VNG_VENV/bin/python" -m pip install -q virtme-ng 2>&1 | grep -v "^WARNING: Location" || true
+fi
+[ -x "$VNG_VENV/bin/vng" ] || { echo "vm-test.sh: virtme-ng did not install" >&2; exit 1; }
+kernel=${VM_KERNEL:-$(ls -v /boot/vmlinuz-* 2>/dev/null | tail -n 1)}
+[ -n "$kernel" ] && [ -r "$kernel" ] ||
+    { echo "vm-test.sh: no kernel in /boot (apt-get install linux-image-amd64)" >&2; exit 1; }
+
+# The test copy: /tmp is an overlay in the VM, so the guest sees it as made
+# here and may chown it to its test user without touching this machine.
+WORK=$(mktemp -d /tmp/nsprov-vm-tests.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$REPO/csrc" "$REPO/scripts" "$WORK/"
+cp "$REPO/pyproject.toml" "$WORK/"
+chmod -R a+rX "$WORK" "$VENV"
+echo "== vm: setup $(( SECONDS - start )) s; booting $kernel (qemu without KVM)"
+
+# virtme-ng finds its helpers (virtme-run ...) on PATH. The VM gets both CPUs
+# of a 2-core CI machine: the cpu limit test needs two to tell 0.5 from busy.
+# Through a pipe: qemu opens /proc/self/fd/1 (and 2) anew, with O_TRUNC, which
+# on a log file would erase everything CI wrote before.
+status=0
+PATH="$VNG_VENV/bin:$PATH" timeout 1200 vng --disable-kvm --run "$kernel" --memory 4G --cpus 2 \
+    --cwd "$WORK" -- bash "$WORK/scripts/vm-guest.sh" "$VENV" "$WORK" 2>&1 | cat || status=$?
+echo "== vm: the pure cgroup-v2 pass took $(( SECONDS - start )) s (status $status)"
+exit $status
