@@ -28,9 +28,10 @@ from nsprovisioner.initexe import INIT_PATH
 from nsprovisioner.mounts import MountOp
 
 from .conftest import run
+from .test_csrc import HELPER_SOURCES
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("nsinit.c", "nschild.c", "nsgrandchild.c", "nsmount.c", "nssync.c")
+SOURCES = HELPER_SOURCES  # the whole helper, as setup.py builds it
 SUPPRESSIONS = Path(__file__).resolve().parent / "valgrind.supp"
 VALGRIND_UNKNOWN_OPS = {2, 8}  # NSX_MNT_SETATTR, NSX_MNT_BIND
 
