@@ -109,3 +109,19 @@ def no_leaks() -> Iterator[None]:
     children = child_processes()
     assert not children, f"leaked processes: {children}"
     assert not leaked_fds, f"leaked fds: {leaked_fds}"
+
+
+def require_limit(spec: Any, controller: str) -> None:
+    """Skip unless this user can enforce `spec`'s limit (CI delegates the controllers to its
+    test user and sets NSPROV_REQUIRE_CGROUPS=1, which makes a missing one a failure)."""
+    from nsprovisioner import SandboxError
+    from nsprovisioner.cgroups import create_cgroup
+
+    try:
+        cgroup = create_cgroup(spec, "probe")
+    except SandboxError as e:
+        if os.environ.get("NSPROV_REQUIRE_CGROUPS") == "1":
+            raise
+        pytest.skip(f"no {controller} controller for this user: {e}")
+    if cgroup is not None:
+        cgroup.kill_and_remove()

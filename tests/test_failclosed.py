@@ -27,13 +27,12 @@ from jupyter_client.connect import write_connection_file
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 
-from nsprovisioner import SandboxError, SandboxSpec
+from nsprovisioner import SandboxSpec
 from nsprovisioner.cgroupfs import CgroupHost
-from nsprovisioner.cgroups import create_cgroup
 from nsprovisioner.cli import main as cli_main
 from nsprovisioner.kernel_launcher import MODULE, kernel_argv, wrap_argv
 
-from .conftest import run
+from .conftest import require_limit, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,14 +50,7 @@ SLEEP = "import time; print('go', flush=True); time.sleep(60)"
 @pytest.fixture
 def pids_controller() -> None:
     """The limit these tests read back needs the pids controller (CI delegates it)."""
-    try:
-        cgroup = create_cgroup(SandboxSpec(pids_limit=PIDS_LIMIT), "probe")
-    except SandboxError as e:
-        if os.environ.get("NSPROV_REQUIRE_CGROUPS") == "1":
-            raise
-        pytest.skip(f"no pids controller for this user: {e}")
-    if cgroup is not None:
-        cgroup.kill_and_remove()
+    require_limit(SandboxSpec(pids_limit=PIDS_LIMIT), "pids")
 
 
 def set_config(spec_dir: Path, config: dict[str, Any]) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -14,10 +13,9 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 from jupyter_client.kernelspec import KernelSpecManager
 from traitlets.config import Config
 
-from nsprovisioner import SandboxError, SandboxSpec
-from nsprovisioner.cgroups import create_cgroup
+from nsprovisioner import SandboxSpec
 
-from .conftest import SLOWDOWN, run
+from .conftest import SLOWDOWN, require_limit, run
 
 pytestmark = pytest.mark.timeout(120 * SLOWDOWN)
 LIMIT = "96M"
@@ -26,14 +24,7 @@ LIMIT = "96M"
 @pytest.fixture
 def memory_controller() -> None:
     """The memory controller must be usable here (CI delegates it to its test user)."""
-    try:
-        cgroup = create_cgroup(SandboxSpec(memory_limit=LIMIT), "probe")
-    except SandboxError as e:
-        if os.environ.get("NSPROV_REQUIRE_CGROUPS") == "1":
-            raise
-        pytest.skip(f"no memory controller for this user: {e}")
-    if cgroup is not None:
-        cgroup.kill_and_remove()
+    require_limit(SandboxSpec(memory_limit=LIMIT), "memory")
 
 
 def test_oom_killed_kernel_is_reported_and_restarted(
