@@ -48,8 +48,9 @@ class SandboxError(RuntimeError):
             text += f" (step {step})"
         if errno:
             text += f": {os.strerror(errno)} ({errno_codes.errorcode.get(errno, errno)})"
-        if hint:
-            text += f". {hint[0].upper()}{hint[1:]}"
+        self.cause = text
+        if hint:  # on its own line: a long cause (a cgroup path) must not hide the fix
+            text += f"\n{hint[0].upper()}{hint[1:]}"
         super().__init__(text)
 
     @classmethod

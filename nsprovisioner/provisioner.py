@@ -35,6 +35,8 @@ from .ipcdir import (
     remove_socket_dir,
     sweep_dead_servers,
 )
+from .jupyter_log import mark_logged, route_library_log, warnings_of_launch
+from .kernel_events import DEGRADED, KILLED, START_FAILED, events
 from .kernel_launcher import kernel_argv
 from .kernelsandbox import (
     CONFIG_KEYS,
@@ -183,8 +185,13 @@ class NamespaceProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """LocalProvisioner's pre_launch (connection file, ports, command), then the sandbox."""
+        route_library_log(self.log)
         # Options first: a bad one must fail before a connection file exists.
-        spec, self.env_allowed = self.resolve_options()
+        try:
+            spec, self.env_allowed = self.resolve_options()
+        except SandboxError as e:
+            self._record_start_failure(e)
+            raise
         self._sweep_once(spec.cgroup_parent)
         km = self.parent
         if km is not None:
@@ -258,18 +265,20 @@ class NamespaceProvisioner(LocalProvisioner):
         stdout, stderr = (s if s in (PIPE, DEVNULL) else PIPE for s in stdio)
         cmd = kernel_argv(cmd)  # we are the sandbox the kernelspec's launcher prefix asks for
         try:
-            proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
-                               stdin=DEVNULL, stdout=stdout, stderr=stderr,
-                               name=self.kernel_id, path_pins=self.path_pins,
-                               # a kernel runs notebook code only once launched
-                               network_before_exec=False)
+            with warnings_of_launch() as left_out:
+                proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
+                                   stdin=DEVNULL, stdout=stdout, stderr=stderr,
+                                   name=self.kernel_id, path_pins=self.path_pins,
+                                   # a kernel runs notebook code only once launched
+                                   network_before_exec=False)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
             if isinstance(e, SandboxError):
-                self.log.error("kernel %s (%s) could not start in its sandbox: %s",
-                               self.kernel_id, self.kernelspec_name, e)
+                self._record_start_failure(e)
             raise
+        for warning in left_out:
+            events.record(self.kernel_id, self.kernelspec_name, DEGRADED, warning)
         proc.add_exit_callback(self._report_exit)
         self.sandbox = proc
         self.sandbox_pid = proc.pid
@@ -302,6 +311,15 @@ class NamespaceProvisioner(LocalProvisioner):
             km.cleanup_ipc_files()
         await self.cleanup(restart=False)
 
+    def _record_start_failure(self, e: SandboxError) -> None:
+        """Logged here, once: the server's own records of it, each with a full traceback,
+        are dropped (jupyter_log.py); JupyterLab shows it as a notification."""
+        self.log.error("kernel %s (%s) could not start in its sandbox: %s",
+                       self.kernel_id, self.kernelspec_name, e)
+        mark_logged(e)
+        events.record(self.kernel_id, self.kernelspec_name, START_FAILED,
+                      f"{self.kernelspec_name} could not start in its sandbox: {e.cause}", e.hint)
+
     def _report_exit(self, proc: SandboxProcess) -> None:
         """Say so when the kernel died of its memory limit: Jupyter only sees 'dead'."""
         oom_kill_count = getattr(proc.cgroup, "oom_kill_count", None)
@@ -314,8 +332,12 @@ class NamespaceProvisioner(LocalProvisioner):
             return
         if killed > 0:
             limit = self.spec.memory_bytes if self.spec is not None else None
-            self.log.warning("kernel %s was killed: out of memory (limit %s)", self.kernel_id,
-                             f"{limit // 2**20} MiB" if limit else "none set")
+            shown = f"{limit // 2**20} MiB" if limit else "none set"
+            reason = f"killed: out of memory (limit {shown})"
+            self.log.warning("kernel %s was %s", self.kernel_id, reason)
+            events.record(self.kernel_id, self.kernelspec_name, KILLED,
+                          f"{self.kernelspec_name} was {reason}",
+                          "free memory in the notebook, or raise memory_limit")
 
     @property
     def has_process(self) -> bool:
@@ -380,6 +402,11 @@ class NamespaceProvisioner(LocalProvisioner):
         usage = getattr(self.sandbox.cgroup if self.sandbox else None, "usage", None)
         if usage is not None:
             info["cgroup_usage"] = usage()
+        if self.spec is not None:
+            info["sandbox"] = {"network": self.spec.network,
+                               "memory_limit_bytes": self.spec.memory_bytes,
+                               "pids_limit": self.spec.pids_limit,
+                               "cpu_limit": self.spec.cpu_limit}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
