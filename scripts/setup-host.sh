@@ -12,11 +12,15 @@ fi
 VENV=${VENV:-/opt/nsprovisioner-venv}
 
 packages=(python3 python3-venv python3-dev gcc libc6-dev uidmap libseccomp2 libseccomp-dev util-linux
-          procps passwd valgrind passt)  # passt: pasta, the stack of network = "egress"
+          procps passwd valgrind passt  # passt: pasta, the stack of network = "egress"
+          chromium chromium-driver)  # tests/test_lab_browser.py: JupyterLab in a real browser
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# node and npm build the JupyterLab extension (labextension/) from the npm registry;
+# by command, not package: a node from elsewhere (NodeSource's) conflicts with Debian's npm
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 if [ "${#missing[@]}" -gt 0 ]; then
     $SUDO apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null

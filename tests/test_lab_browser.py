@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,9 +32,9 @@ import pytest
 from .conftest import require_limit
 
 webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.common.exceptions import WebDriverException
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -76,9 +78,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     kernelspec(share, "limited", sys.executable, {
         "memory_limit": f"{MEMORY_LIMIT_MIB}M", "pids_limit": PIDS_LIMIT, "network": "none"})
     kernelspec(share, "broken", "/nonexistent/python3", {})  # exec fails inside: ENOENT
+    kernelspec(share, "degraded", sys.executable,  # starts, without the missing device
+               {"strict": False, "devices": ["/dev/nsprov-lab-test-missing"]})
     root.mkdir()
     notebook(root / "limited.ipynb", "limited", "hog = b'x' * (1024 * 2**20)")
     notebook(root / "broken.ipynb", "broken", "1")
+    notebook(root / "degraded.ipynb", "degraded", "1")
     # JupyterLab's "receive news?" toast would sit among the ones under test
     settings = base / "settings" / "@jupyterlab" / "apputils-extension"
     settings.mkdir(parents=True)
@@ -112,12 +117,29 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
                 time.sleep(0.3)
         yield url, log_path
     finally:
-        proc.terminate()  # jupyter_server shuts its kernels down on SIGTERM
+        stop_server(proc, url)
+
+
+def stop_server(proc: subprocess.Popen[bytes], url: str) -> None:
+    """Its kernels shut down through the API, then the server. (After a failed start,
+    jupyter_server 2.21 no longer stops on SIGTERM: jupyter_client keeps the failed
+    kernel as pending, and shutting that one down raises 404 in the server's _stop.)"""
+    if proc.poll() is None:
         try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            with urllib.request.urlopen(f"{url}/api/kernels?token={TOKEN}", timeout=10) as r:
+                kernels = json.loads(r.read())
+            for kernel in kernels:
+                urllib.request.urlopen(urllib.request.Request(
+                    f"{url}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE"),
+                    timeout=30).close()
+        except OSError as e:  # SIGTERM below still shuts the kernels down
+            print(f"could not shut the kernels down through the API: {e}")
+        proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its kernels are gone already
+        proc.wait()
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +179,11 @@ def shoot(driver: Any, name: str) -> None:
         driver.save_screenshot(str(Path(where) / f"{name}.png"))
 
 
+def open_notebook(driver: Any, url: str, name: str) -> None:
+    """The notebook alone: `reset` drops the tabs an earlier test left in the workspace."""
+    driver.get(f"{url}/lab/tree/{name}?reset&token={TOKEN}")
+
+
 def status_text(driver: Any) -> str | None:
     items = driver.find_elements(By.CSS_SELECTOR, ".nsprov-StatusItem")
     return items[0].text if items and items[0].text else None
@@ -168,7 +195,7 @@ def toasts(driver: Any) -> str:
 
 def test_status_item_and_oom_kill_reason(lab: tuple[str, Path], browser: Any) -> None:
     url, log = lab
-    browser.get(f"{url}/lab/tree/limited.ipynb?token={TOKEN}")
+    open_notebook(browser, url, "limited.ipynb")
     text = wait_for("the status item with the limits", lambda: (
         (t := status_text(browser)) and "mem" in t and "pids" in t and t))
     assert text.startswith("sandboxed"), text
@@ -190,7 +217,7 @@ def test_status_item_and_oom_kill_reason(lab: tuple[str, Path], browser: Any) ->
 
 def test_failed_start_is_readable(lab: tuple[str, Path], browser: Any) -> None:
     url, log = lab
-    browser.get(f"{url}/lab/tree/broken.ipynb?token={TOKEN}")
+    open_notebook(browser, url, "broken.ipynb")
     dialog = wait_for("the start error's dialog", lambda: [
         d for d in browser.find_elements(By.CSS_SELECTOR, ".jp-Dialog-content")
         if "Error Starting Kernel" in d.text])[0]
@@ -209,3 +236,28 @@ def test_failed_start_is_readable(lab: tuple[str, Path], browser: Any) -> None:
     text = log.read_text()
     assert text.count("could not start in its sandbox") == 1, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
+
+
+def test_start_without_some_limits_warns_in_the_ui_and_in_jupyters_log(
+        lab: tuple[str, Path], browser: Any) -> None:
+    url, log = lab
+    open_notebook(browser, url, "degraded.ipynb")
+    wait_for("the strict = false warning in a notification",
+             lambda: "starting the sandbox without some devices" in toasts(browser))
+    wait_for("the kernel running anyway", lambda: (
+        (t := status_text(browser)) and t.startswith("sandboxed")))
+    shoot(browser, "lab-degraded")
+    # with Jupyter's prefix, in the server's log: not a bare line on stderr
+    assert re.search(r"^\[W [^]]* nsprovisioner\.devices\] starting the sandbox without some "
+                     r"devices: .*nsprov-lab-test-missing", log.read_text(), re.MULTILINE), \
+        log.read_text()[-3000:]
+
+
+def test_endpoints_are_authenticated_like_the_kernel_api(lab: tuple[str, Path]) -> None:
+    url, _ = lab
+    for path in ("/api/kernels", "/nsprovisioner/events", "/nsprovisioner/kernels/x"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(url + path, timeout=10)
+        assert refused.value.code == 403, path
+    with urllib.request.urlopen(f"{url}/nsprovisioner/events?token={TOKEN}", timeout=10) as r:
+        assert "last" in json.loads(r.read())

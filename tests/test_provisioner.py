@@ -331,9 +331,12 @@ def test_provisioner_info_round_trip(kernels: Path, provisioner: str, no_leaks: 
             await fresh.load_provisioner_info(info)
             assert fresh.kernel_id == km.kernel_id
             assert fresh.connection_info == km.provisioner.connection_info
-            # a live sandbox adds its cgroup's usage; the rest round-trips
+            # a live sandbox adds its cgroup's usage and its settings; the rest round-trips
             usage = info.pop("cgroup_usage", {})
             assert isinstance(usage, dict)
+            sandbox = info.pop("sandbox", None)
+            if isinstance(km.provisioner, NamespaceProvisioner):
+                assert sandbox is not None and sandbox["network"] == km.provisioner.spec.network
             assert info == await fresh.get_provisioner_info()
     run(main())
 
