@@ -67,6 +67,7 @@ async def sandbox_status(kernel_manager: Any) -> dict[str, Any]:
     return {"state": "running" if provisioner.has_process else "no process",
             "sandboxed": True, **sandbox,
             "memory_bytes": usage.get("memory_bytes"), "pids": usage.get("pids"),
+            "pids_limit_hits": usage.get("pids_limit_hits"),
             "cpu_seconds": usage.get("cpu_seconds")}
 
 

@@ -58,13 +58,13 @@ def kernelspec(share: Path, name: str, argv0: str, config: dict[str, Any]) -> No
                                             "config": config}}}))
 
 
-def notebook(path: Path, kernel: str, code: str) -> None:
+def notebook(path: Path, kernel: str, *cells: str) -> None:
     path.write_text(json.dumps({
         "nbformat": 4, "nbformat_minor": 5,
         "metadata": {"kernelspec": {"name": kernel, "display_name": kernel,
                                     "language": "python"}},
-        "cells": [{"cell_type": "code", "id": "c1", "metadata": {}, "execution_count": None,
-                   "outputs": [], "source": code}]}))
+        "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None,
+                   "outputs": [], "source": code} for i, code in enumerate(cells)]}))
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +81,12 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     kernelspec(share, "degraded", sys.executable,  # starts, without the missing device
                {"strict": False, "devices": ["/dev/nsprov-lab-test-missing"]})
     root.mkdir()
-    notebook(root / "limited.ipynb", "limited", "hog = b'x' * (1024 * 2**20)")
+    notebook(root / "limited.ipynb", "limited",
+             # more threads than the pids limit lets start: RuntimeError, nobody killed
+             "import threading, time\n"
+             "threads = [threading.Thread(target=time.sleep, args=(30,)) for _ in range(100)]\n"
+             "for t in threads:\n    t.start()",
+             "hog = b'x' * (1024 * 2**20)")  # touches every page: the OOM killer
     notebook(root / "broken.ipynb", "broken", "1")
     notebook(root / "degraded.ipynb", "degraded", "1")
     # JupyterLab's "receive news?" toast would sit among the ones under test
@@ -175,6 +180,7 @@ def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T
 def shoot(driver: Any, name: str) -> None:
     where = os.environ.get("NSPROV_SCREENSHOTS")
     if where:
+        time.sleep(1)  # a toast slides in: a picture of it, not of its edge
         Path(where).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(where) / f"{name}.png"))
 
@@ -204,13 +210,17 @@ def test_status_item_and_oom_kill_reason(lab: tuple[str, Path], browser: Any) ->
     assert f"/{PIDS_LIMIT}" in text, text
     shoot(browser, "lab-status")
 
-    cell = browser.find_element(By.CSS_SELECTOR, ".jp-Cell .cm-content")
-    cell.click()
-    cell.send_keys(Keys.SHIFT, Keys.ENTER)
+    threads, hog = browser.find_elements(By.CSS_SELECTOR, ".jp-Cell .cm-content")
+    threads.click()
+    threads.send_keys(Keys.SHIFT, Keys.ENTER)
+    wait_for("the pids limit's notification",
+             lambda: f"reached its pids limit ({PIDS_LIMIT})" in toasts(browser))
+    assert "(limit hit)" in (status_text(browser) or "")
+    shoot(browser, "lab-pids")
+    hog.click()
+    hog.send_keys(Keys.SHIFT, Keys.ENTER)
     reason = f"killed: out of memory (limit {MEMORY_LIMIT_MIB} MiB)"
     wait_for("the OOM kill's reason in a notification", lambda: reason in toasts(browser))
-    if os.environ.get("NSPROV_SCREENSHOTS"):
-        time.sleep(1)  # the toast slides in: a picture of it, not of its edge
     shoot(browser, "lab-oom")
     assert reason in log.read_text()
 

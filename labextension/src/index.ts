@@ -31,6 +31,7 @@ interface ISandboxStatus {
   cpu_limit?: number | null;
   memory_bytes?: number | null;
   pids?: number | null;
+  pids_limit_hits?: number | null; // forks and clones the pids limit refused
 }
 
 /** One entry of GET /nsprovisioner/events (kernel_events.py) */
@@ -92,7 +93,7 @@ export function describe(status: ISandboxStatus): [string, string] {
     parts.push(`mem ${memory}`);
   }
   if (pids) {
-    parts.push(`pids ${pids}`);
+    parts.push(`pids ${pids}` + (status.pids_limit_hits ? ' (limit hit)' : ''));
   }
   if (status.cpu_limit) {
     parts.push(`cpu ${status.cpu_limit}`);
@@ -101,7 +102,10 @@ export function describe(status: ISandboxStatus): [string, string] {
     'Kernel sandboxed by nsprovisioner\n' +
     `network: ${status.network}\n` +
     `memory: ${memory || 'not counted'}\n` +
-    `processes: ${pids || 'not counted'}\n` +
+    `processes: ${pids || 'not counted'}` +
+    (status.pids_limit_hits
+      ? `, ${status.pids_limit_hits} refused by the limit\n`
+      : '\n') +
     `cpu limit: ${status.cpu_limit ? status.cpu_limit + ' cores' : 'none'}`;
   return [parts.join(' · '), tooltip];
 }
@@ -187,6 +191,24 @@ const plugin: JupyterFrontEndPlugin<void> = {
       });
     }
     let lastEvent: number | null = null; // events before this page are not news
+    const refusals = new Map<string, number>(); // pids_limit_hits seen, per kernel
+
+    // The pids limit refuses a fork without killing anyone: the code sees EAGAIN
+    // ("Resource temporarily unavailable"), the user sees why here.
+    const noticePidsLimit = (id: string, status: ISandboxStatus | null): void => {
+      const hits = status?.pids_limit_hits ?? 0;
+      if (hits > (refusals.get(id) ?? 0)) {
+        const refused = hits - (refusals.get(id) ?? 0);
+        Notification.warning(
+          `The kernel reached its pids limit (${status?.pids_limit}): ` +
+            (refused === 1
+              ? 'a new process or thread was refused'
+              : `${refused} new processes or threads were refused`),
+          { autoClose: 10000 }
+        );
+      }
+      refusals.set(id, hits);
+    };
 
     const refresh = async (): Promise<void> => {
       kernelId = currentKernelId(shell);
@@ -199,6 +221,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
         }
       }
       item.show_(status);
+      if (kernelId !== null) {
+        noticePidsLimit(kernelId, status);
+      }
       const reply = await getJSON<IEventsReply>(settings, `events?after=${lastEvent ?? 0}`);
       if (lastEvent !== null) {
         reply.events.forEach(notify);
