@@ -270,21 +270,14 @@ def _fault(fault_step: int, name: str) -> None:
 
 async def readable(fd: int) -> None:
     """Wait until `fd` (e.g. a pidfd, readable once its process exits) is readable."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
+    await _ready(fd, write=False)
 
 
 async def writable(fd: int) -> None:
+    await _ready(fd, write=True)
+
+
+async def _ready(fd: int, *, write: bool) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -292,11 +285,11 @@ async def writable(fd: int) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_writer(fd, wake)
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_writer(fd)
+        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 async def _reap(pid: int, pidfd: int) -> int:
