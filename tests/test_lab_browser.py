@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from .conftest import require_limit
+from .conftest import require_limit, stop_process
 
 webdriver = pytest.importorskip("selenium.webdriver")
 from selenium.common.exceptions import WebDriverException
@@ -137,14 +137,9 @@ def stop_server(proc: subprocess.Popen[bytes], url: str) -> None:
                 urllib.request.urlopen(urllib.request.Request(
                     f"{url}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE"),
                     timeout=30).close()
-        except OSError as e:  # SIGTERM below still shuts the kernels down
+        except OSError as e:  # SIGTERM still shuts the kernels down
             print(f"could not shut the kernels down through the API: {e}")
-        proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # its kernels are gone already
-        proc.wait()
+    stop_process(proc, 10)  # SIGKILL after that: its kernels are gone already
 
 
 @pytest.fixture(scope="module")
