@@ -17,14 +17,22 @@ LIBRARY_LOGGER = "nsprovisioner"
 
 
 class _ToLogger(logging.Handler):
-    """Hands each record to another logger's handlers (the record keeps its name)."""
+    """Hands each record to another logger's handlers (the record keeps its name).
+
+    Not the root logger's: the record goes on to those by itself, and must not
+    arrive there a second time through the other logger's parents."""
 
     def __init__(self, target: logging.Logger) -> None:
         super().__init__()
         self.target = target
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.target.handle(record)
+        logger: logging.Logger | None = self.target
+        while logger is not None and logger is not logging.getLogger():
+            for handler in logger.handlers:
+                if record.levelno >= handler.level:
+                    handler.handle(record)
+            logger = logger.parent if logger.propagate else None
 
 
 class _OnceOnly(logging.Filter):
@@ -61,8 +69,10 @@ def route_library_log(server_log: logging.Logger | logging.LoggerAdapter[logging
         target.addFilter(_OnceOnly())
     if target.name == "root" or target.name.startswith(LIBRARY_LOGGER):
         return  # records reach it by propagation already
+    # Records still propagate to the root logger: with this handler in the chain,
+    # the last-resort stderr handler no longer fires; a handler a program set on
+    # the root logger itself (pytest's caplog, logging.basicConfig) still sees them.
     library.addHandler(_ToLogger(target))
-    library.propagate = False  # once is enough: no second copy from the root logger
 
 
 class _Collect(logging.Handler):
