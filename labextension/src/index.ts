@@ -42,6 +42,7 @@ interface IKernelEvent {
   kind: 'killed' | 'start-failed' | 'degraded';
   message: string;
   fix: string | null;
+  time: number; // seconds since the epoch, the server's clock
 }
 
 interface IEventsReply {
@@ -190,7 +191,11 @@ const plugin: JupyterFrontEndPlugin<void> = {
         isActive: () => true
       });
     }
-    let lastEvent: number | null = null; // events before this page are not news
+    let lastEvent: number | null = null;
+    // Events from before this page are not news, except those of the moments it
+    // took to load: a notebook opened with the page can fail to start before the
+    // first poll. (Clocks of browser and server are assumed within seconds.)
+    const notBefore = Date.now() / 1000 - 10;
     const refusals = new Map<string, number>(); // pids_limit_hits seen, per kernel
 
     // The pids limit refuses a fork without killing anyone: the code sees EAGAIN
@@ -225,9 +230,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
         noticePidsLimit(kernelId, status);
       }
       const reply = await getJSON<IEventsReply>(settings, `events?after=${lastEvent ?? 0}`);
-      if (lastEvent !== null) {
-        reply.events.forEach(notify);
-      }
+      reply.events
+        .filter(event => lastEvent !== null || event.time >= notBefore)
+        .forEach(notify);
       lastEvent = reply.last;
     };
     const loop = async (): Promise<void> => {
