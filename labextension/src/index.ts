@@ -235,15 +235,19 @@ const plugin: JupyterFrontEndPlugin<void> = {
         .forEach(notify);
       lastEvent = reply.last;
     };
-    const loop = async (): Promise<void> => {
-      try {
-        await refresh();
-      } catch (reason) {
+    // One refresh at a time: two in flight would both notify the same events.
+    let latest: Promise<void> = Promise.resolve();
+    const refreshInTurn = (): Promise<void> => {
+      latest = latest.then(refresh).catch(reason => {
         console.warn('nsprovisioner-lab: no sandbox status from the server', reason);
-      }
+      });
+      return latest;
+    };
+    const loop = async (): Promise<void> => {
+      await refreshInTurn();
       window.setTimeout(loop, POLL_MS);
     };
-    shell.currentChanged.connect(() => void refresh().catch(() => undefined));
+    shell.currentChanged.connect(() => void refreshInTurn());
     void loop();
   }
 };
