@@ -156,6 +156,12 @@ def _container() -> str | None:
     return None
 
 
+def one_line(e: BaseException) -> str:
+    """An error on its check's line: the report keeps one line per check and puts
+    the check's own fix on the next ("fix: ...")."""
+    return str(e).replace("\n", ". ")
+
+
 async def _try_spawn(spec: SandboxSpec) -> tuple[str | None, str | None]:
     """(error, failed step) of starting /bin/true in `spec`; (None, None) when it ran."""
     from .spawn import DEVNULL, spawn
@@ -163,7 +169,7 @@ async def _try_spawn(spec: SandboxSpec) -> tuple[str | None, str | None]:
         proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL)
         code = await proc.wait()
     except SandboxError as e:
-        return str(e), e.step
+        return one_line(e), e.step
     return (None, None) if code == 0 else (f"/bin/true exited with {code}", "exec")
 
 
@@ -232,7 +238,7 @@ def gather_facts() -> HostFacts:
         from .seccomp import build_filter
         build_filter("default", True)
     except (SandboxError, OSError) as e:
-        facts.libseccomp_error = str(e)
+        facts.libseccomp_error = one_line(e)
     facts.container = _container()
     facts.pasta, facts.pasta_version = pasta_path(), pasta_version()
     _gpu_facts(facts)
