@@ -319,6 +319,13 @@ def test_restarter_restarts_a_kernel_killed_from_outside(kernels: Path, provisio
             old = kernel_process(km)
             os.kill(old.pid, signal.SIGKILL)
             await asyncio.wait_for(restarted.wait(), 20)
+            # the restarter fires "restart" before it restarts: until the new
+            # kernel runs, the client would see the old one dead
+            deadline = time.monotonic() + READY_TIMEOUT
+            while not (km.provisioner is not None and kernel_process(km) not in (None, old)
+                       and await km.is_alive()):
+                assert time.monotonic() < deadline, "the restarter started no new kernel"
+                await asyncio.sleep(0.05)
             await kc.wait_for_ready(timeout=READY_TIMEOUT)
             assert kernel_process(km).pid != old.pid
             assert (await execute(kc, "print('back')"))[1].strip() == "back"
