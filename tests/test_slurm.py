@@ -142,6 +142,9 @@ c.Spawner.environment = {{"PATH": "{bindir}:/usr/bin:/bin", "SLURM_CONF": "{clus
 c.Spawner.start_timeout = 120
 c.Spawner.http_timeout = 120
 c.Spawner.poll_interval = 1
+# the cluster's teardown cancels the jobs: the hub's own stop would wait for a
+# slurmctld that is gone
+c.JupyterHub.cleanup_servers = False
 """)
         log = open(hubdir / "hub.log", "w")  # noqa: SIM115 - the hub keeps it
         proc = subprocess.Popen([f"{bindir}/jupyterhub", "-f", str(hubdir / "jupyterhub_config.py")],
@@ -322,6 +325,26 @@ def reached_limit(path: str) -> bool:
 
 # ---- the tests ------------------------------------------------------------------------
 
+def test_doctor_inside_a_job_reports_the_jobs_cgroups(hub: SlurmHub) -> None:
+    """Before the servers take the node's two CPUs: `doctor` as a job step of its own."""
+    runuser = shutil.which("runuser", path="/usr/sbin:/sbin:/usr/bin:/bin")
+    assert runuser is not None
+    result = subprocess.run(
+        [runuser, "-u", USERS[0], "--", "srun", "--mem=300M", "-p", "nsprov",
+         sys.executable, "-m", "nsprovisioner.cli", "doctor", "--json"],
+        capture_output=True, text=True, env=hub.cluster.env, cwd="/tmp", timeout=120,
+        check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    slurm = next(c for c in report["checks"] if c["name"] == "Slurm job")
+    job = report["facts"]["slurm_job"]
+    # this host's Slurm (cgroup/v1): memory nests in the job, pids and cpu have no job cgroup
+    assert f"memory in /sys/fs/cgroup/memory/slurm_{hub.cluster.node}/uid_" in slurm["detail"]
+    assert f"/job_{job}/" in slurm["detail"]
+    assert slurm["status"] == "WARN" and "pids, cpu" in slurm["detail"]
+    assert "no job cgroup in the hierarchy of pids" in slurm["fix"]
+
+
 def test_each_kernel_is_sandboxed_inside_its_users_job(hub: SlurmHub) -> None:
     alice, bob = USERS
     alice_kernel = hub.kernel(alice)
@@ -422,7 +445,7 @@ def test_scancel_leaves_nothing_and_the_hub_starts_the_server_again(hub: SlurmHu
     assert {p: describe(p) for p in hub.job_pids(uid)} == {}
     assert [p for p in kernel_cgroups if os.path.exists(p)] == []
     assert not [str(p) for root in hub.cluster.cgroup_roots()
-                for p in root.rglob("nsprov-*")]
+                for p in root.glob(f"uid_{uid}/**/nsprov-*")]
     assert list(runtime.glob("kernel-*.json")) == []
     assert list(Path(f"/tmp/nsprov-{uid}").iterdir()) == []
 
