@@ -404,6 +404,11 @@ def check_cgroups(f: HostFacts) -> list[Check]:
                             "pod's own limits (Kubernetes resources.limits) and leave memory_limit,"
                             " pids_limit, cpu_limit unset; per-kernel limits need a writable "
                             "cgroup delegated to the server's user (docs/scale-out.md)"))
+    elif missing and f.slurm_job:
+        checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)} not writable in "
+                            f"Slurm job {f.slurm_job}: kernels with these limits fail (strict) or "
+                            "start without them", "the cgroups are Slurm's: see the `Slurm job` "
+                            "line"))
     elif missing:
         where = c.v2_own_dir if on_v2 else "your cgroup in each v1 hierarchy"
         checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)} not delegated to "
@@ -460,7 +465,7 @@ def check_rest(f: HostFacts) -> list[Check]:
                         f"inside a {f.container} container" if f.container else "not in a container",
                         "the container needs unshare/clone/mount allowed by its seccomp and "
                         "AppArmor profiles, an unmasked /proc, and delegated cgroups "
-                        "(docs/jupyterhub.md)" if f.container else ""))
+                        "(docs/scale-out.md)" if f.container else ""))
     return checks
 
 

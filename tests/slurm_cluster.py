@@ -21,6 +21,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from tests.conftest import stop_process
+
 SBIN = ("/usr/sbin", "/usr/bin")
 CPUS = 2
 REAL_MEMORY_MB = 3072
@@ -185,13 +187,7 @@ ConstrainDevices=no
                     except RuntimeError:
                         break
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc, 15)
         self.procs.clear()
         for root in self.cgroup_roots():
             for path, _, _ in sorted(os.walk(root), key=lambda w: -len(w[0])):

@@ -234,8 +234,11 @@ def test_slurm_job_with_task_cgroup_nests_memory_and_names_what_cant() -> None:
                      v1={"memory": True, "pids": False, "cpu": False},
                      v1_own_dirs={"memory": SLURM_V1.format(c="memory") + "/task_0",
                                   "pids": "/sys/fs/cgroup/pids", "cpu": "/sys/fs/cgroup/cpu"})
-    check = by_name(diagnose(healthy_host(cgroup=cg, slurm_job="42")), "Slurm job")
+    checks = diagnose(healthy_host(cgroup=cg, slurm_job="42"))
+    check = by_name(checks, "Slurm job")
     assert check.status == "WARN"
+    delegation = by_name(checks, "cgroup delegation")  # not systemd's fix inside a job
+    assert "Slurm job" in delegation.fix and "Delegate=yes" not in delegation.fix
     assert "memory in /sys/fs/cgroup/memory/slurm_n1/uid_1000/job_42/step_0/task_0" in check.detail
     assert "pids, cpu" in check.detail
     assert "Slurm job 42" in check.fix and "no job cgroup" in check.fix

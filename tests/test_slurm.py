@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import stop_process
 from tests.slurm_cluster import SlurmCluster, free_port
 from tests.test_jupyterhub import Hub, sandbox_all_config
 
@@ -178,12 +179,7 @@ c.JupyterHub.cleanup_servers = False
     finally:
         cluster.stop()  # scancels every job: the servers go before the hub
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, 30)
         for user in USERS:
             try:
                 uid = pwd.getpwnam(user).pw_uid
