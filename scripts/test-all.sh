@@ -12,6 +12,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 # CI builds the C code with -Werror; users' builds only warn.
 CFLAGS="${CFLAGS:-} -Werror" bash "$REPO/scripts/setup-host.sh"
+# tests/test_slurm.py: Debian's Slurm and munge, batchspawner (daemons started by the test)
+bash "$REPO/scripts/slurm-deps.sh"
 # The JupyterHub end-to-end test needs configurable-http-proxy, from npm.
 if ! command -v configurable-http-proxy >/dev/null; then
     if ! command -v npm >/dev/null; then
