@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from ._nsexec import ffi, lib
 from .cgroup_layout import sandbox_dir_name
+from .cgroup_view import with_cgroup_view
 from .cgroups import SandboxCgroup, create_cgroup
 from .egress import Egress, egress_counters
 from .errors import STEP_VALUES, SandboxError
@@ -204,6 +205,7 @@ async def spawn(
     if name:  # a restart: the last start's cgroup of this name must be gone
         await removal_of(sandbox_dir_name(name))
     cgroup = create_cgroup(spec, name)
+    mounts = with_cgroup_view(mounts, spec, cgroup)
     try:
         return await _clone_and_handshake(spec, args, envp, workdir, mounts,
                                           seccomp_filter, cgroup, fault,

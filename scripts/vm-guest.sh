@@ -39,6 +39,7 @@ for t in memory_bomb_is_oom_killed_and_counted usage_reports_memory_pids_and_cpu
 done
 CGROUP_TESTS+=(
     tests/test_kernel_limits.py
+    tests/test_cgroup_view.py
     tests/test_hostile_crash.py::test_next_run_removes_a_killed_runs_cgroups
     "tests/test_provisioner.py::test_provisioner_info_round_trip[namespace]"
     tests/test_doctor.py::test_doctor_on_this_host
