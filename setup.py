@@ -48,4 +48,7 @@ class BuildWithInit(build_ext):
 setup(
     cffi_modules=["nsprovisioner/_build.py:ffibuilder"],
     cmdclass={"build_ext": BuildWithInit},
+    # cffi builds the extension for the stable ABI (_nsexec.abi3.so), and the
+    # helper is a program: one wheel serves every CPython from 3.10
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )
