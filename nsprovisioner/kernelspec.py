@@ -5,10 +5,12 @@ metadata and resource files such as logos) with metadata.kernel_provisioner
 naming namespace-provisioner and the options given with --config, and the
 source's argv behind the sandboxing launcher (nsprovisioner.kernel_launcher),
 so that a client that ignores provisioners still starts it in its sandbox.
-Example:
+Before it installs, it checks what the options ask against this host (the
+checks of `jupyter nsprovisioner doctor`): each problem is a warning with its
+fix, or with --strict a refusal. Example:
 
     jupyter nsprovisioner install --from python3 --name python3-sandboxed \\
-        --config memory_limit=2G --config network=none --user
+        --config memory_limit=2G --config network=none --user --strict
 """
 
 from __future__ import annotations
@@ -24,10 +26,13 @@ from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+from .doctor import gather_facts
 from .errors import SandboxError
+from .install_check import problems_for
 from .kernel_launcher import PROVISIONER_NAME, wrap_argv
 from .kernelsandbox import CONFIG_KEYS, check_env_keep, check_keys, merge_spec
 from .provisioner import NamespaceProvisioner
+from .sandbox import SandboxSpec
 
 # jupyter_client finds kernels by directory name, case-insensitively
 NAME_PATTERN = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
@@ -47,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "VALUE is JSON where it parses as JSON, else a string, e.g. "
                         f"memory_limit=2G, pids_limit=256, readonly_paths='[\"/data\"]'. "
                         f"Options: {', '.join(CONFIG_KEYS)}")
+    parser.add_argument("--strict", action="store_true",
+                        help="refuse to install when this host can't give the kernel what "
+                        "--config asks (the checks of `jupyter nsprovisioner doctor`); without "
+                        "it, each such problem is a warning with its fix")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--user", action="store_true",
                        help="install for the current user (the default)")
@@ -56,8 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="install into DIR/share/jupyter/kernels")
 
 
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """{key: value} from KEY=VALUE strings, checked as the provisioner will check them."""
+def parse_options(items: list[str]) -> tuple[dict[str, Any], SandboxSpec]:
+    """{key: value} from KEY=VALUE strings, checked as the provisioner will check them, and
+    the sandbox they make over the provisioner's defaults."""
     options: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
@@ -73,8 +83,7 @@ def parse_options(items: list[str]) -> dict[str, Any]:
         check_env_keep(options["env_keep"], where)
     defaults = NamespaceProvisioner()
     configured = {key: getattr(defaults, key) for key in CONFIG_KEYS}
-    merge_spec(configured, options, "Jupyter config", where)
-    return options
+    return options, merge_spec(configured, options, "Jupyter config", where)
 
 
 def check_name(name: str) -> str:
@@ -133,13 +142,26 @@ def install(source_name: str, name: str, display_name: str | None, options: dict
                                hint="use --user, or --sys-prefix in a virtualenv") from None
 
 
+def check_host(name: str, spec: SandboxSpec, options: dict[str, Any], *, strict: bool) -> None:
+    """Warn about (or, strict, refuse) options this host can't satisfy, each with its fix."""
+    problems = problems_for(spec, options, gather_facts())
+    for problem in problems:
+        print(f"nsprovisioner: {'error' if strict else 'warning'}: {problem.describe()}",
+              file=sys.stderr)
+    if problems and strict:
+        raise SandboxError(f"kernelspec {name!r} not installed: this host can't start its "
+                           "kernels as configured (above, each with its fix)",
+                           hint="fix the host, change --config, or install without --strict")
+
+
 def main(args: argparse.Namespace) -> int:
     name = check_name(args.name)
     if name == args.source.lower():
         raise SandboxError(f"--name {args.name!r} is the source kernel's own name; "
                            "give the wrapped kernel a new one, e.g. "
                            f"{args.source.lower()}-sandboxed")
-    options = parse_options(args.config)
+    options, spec = parse_options(args.config)
+    check_host(name, spec, options, strict=args.strict)
     prefix = sys.prefix if args.sys_prefix else args.prefix
     user = prefix is None
     where = install(args.source, name, args.display_name, options, user=user, prefix=prefix)
