@@ -22,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
@@ -36,6 +37,14 @@ from .sandbox import SandboxSpec
 
 # jupyter_client finds kernels by directory name, case-insensitively
 NAME_PATTERN = re.compile(r"^[a-z0-9._-]+$", re.IGNORECASE)
+# The shipped kernelspec (share/jupyter/kernels/) holds the sandbox's logos:
+# installed with the package, or beside it in a checkout.
+SHIPPED_KERNEL = "python3-sandboxed"
+CHECKOUT_KERNEL = Path(__file__).resolve().parent.parent / "share/jupyter/kernels" / SHIPPED_KERNEL
+LOGOS = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+# the options a display name summarizes, with their short names
+TITLE_OPTIONS = {"memory_limit": "memory", "cpu_limit": "cpu", "pids_limit": "pids",
+                 "network": "network", "gpus": "gpus"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,8 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", required=True,
                         help="the new kernelspec's name: letters, digits, '.', '_', '-'")
     parser.add_argument("--display-name", metavar="TEXT",
-                        help="the name shown in JupyterLab (default: the source's, "
-                        "with ' (sandboxed)')")
+                        help="the name shown in JupyterLab (default: the source's, with "
+                        "'sandboxed' and the options that set it apart, e.g. 'Python 3 "
+                        "(ipykernel), sandboxed: memory 2G, network none')")
     parser.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
                         help="a sandbox option, as in c.NamespaceProvisioner (repeatable); "
                         "VALUE is JSON where it parses as JSON, else a string, e.g. "
@@ -106,6 +116,38 @@ def wrapped_kernel_json(source: dict[str, Any], name: str, display_name: str,
     return spec
 
 
+def default_title(source_title: str, name: str, options: dict[str, Any],
+                  ksm: KernelSpecManager) -> str:
+    """'<source>, sandboxed' and the options that set it apart; with the kernel's name
+    too when another kernelspec already shows that title, or nothing sets it apart."""
+    shown = [f"{short} {options[key]}" for key, short in TITLE_OPTIONS.items() if key in options]
+    more = len([key for key in options if key not in TITLE_OPTIONS])
+    if more:
+        shown.append(f"+{more} option{'s' if more > 1 else ''}")
+    title = f"{source_title}, sandboxed" + (f": {', '.join(shown)}" if shown else "")
+    others = {spec["spec"].get("display_name") for other, spec in
+              ksm.get_all_specs().items() if other != name}
+    if not shown or title in others:
+        title += f" [{name}]"
+    return title
+
+
+def add_logos(target: str, ksm: KernelSpecManager) -> None:
+    """The sandbox's logos in `target` when the source brought none of its own."""
+    if any(os.path.exists(os.path.join(target, logo)) for logo in LOGOS):
+        return
+    places = [CHECKOUT_KERNEL]
+    try:
+        places.insert(0, Path(ksm.get_kernel_spec(SHIPPED_KERNEL).resource_dir))
+    except NoSuchKernel:
+        pass
+    for place in places:
+        if all((place / logo).is_file() for logo in LOGOS):
+            for logo in LOGOS:
+                shutil.copyfile(place / logo, os.path.join(target, logo))
+            return
+
+
 def install(source_name: str, name: str, display_name: str | None, options: dict[str, Any],
             *, user: bool, prefix: str | None) -> str:
     """Install the wrapped kernelspec; the directory it went to."""
@@ -128,10 +170,12 @@ def install(source_name: str, name: str, display_name: str | None, options: dict
         print(f"nsprovisioner: {source_name!r} used provisioner "
               f"{old['provisioner_name']!r}; {name!r} uses {PROVISIONER_NAME!r} instead",
               file=sys.stderr)
-    title = display_name or f"{source.get('display_name', source_name)} (sandboxed)"
+    title = display_name or default_title(source.get("display_name", source_name), name,
+                                          options, ksm)
     with tempfile.TemporaryDirectory() as staging:
         target = os.path.join(staging, name)
         shutil.copytree(source_dir, target)
+        add_logos(target, ksm)
         with open(os.path.join(target, "kernel.json"), "w") as f:
             json.dump(wrapped_kernel_json(source, name, title, options), f, indent=2)
             f.write("\n")
