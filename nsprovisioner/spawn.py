@@ -205,9 +205,9 @@ async def spawn(
     if name:  # a restart: the last start's cgroup of this name must be gone
         await removal_of(sandbox_dir_name(name))
     cgroup = create_cgroup(spec, name)
-    mounts = with_cgroup_view(mounts, spec, cgroup)
     try:
-        return await _clone_and_handshake(spec, args, envp, workdir, mounts,
+        return await _clone_and_handshake(spec, args, envp, workdir,
+                                          with_cgroup_view(mounts, spec, cgroup),
                                           seccomp_filter, cgroup, fault,
                                           FAULT_KINDS[_fault_kind], deny_setgroups,
                                           (stdin, stdout, stderr), pass_fds,
