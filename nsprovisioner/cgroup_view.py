@@ -50,12 +50,15 @@ def view_mounts(spec: SandboxSpec, cgroup: SandboxCgroup | None) -> list[MountOp
         return []
     own = cgroup is not None and "cgroup" in spec.namespaces
     dirs = cgroup.dirs if own and cgroup is not None else []
-    if any(d.version == 2 and d.hierarchy.mount == CGROUP_ROOT for d in dirs):
-        # a pure cgroup-v2 host: the sandbox's cgroup2 is all there is
-        return [MountOp(lib.NSX_MNT_MOUNT, NEWROOT + CGROUP_ROOT, "cgroup2", "cgroup2",
-                        CGROUPFS_FLAGS)]
+    # The tmpfs first, also where cgroup2 covers it: Linux refuses (EBUSY) to
+    # mount a filesystem on a mount point where the same one is mounted already,
+    # as the host's cgroup2 is on a pure v2 host.
     ops = [MountOp(lib.NSX_MNT_MOUNT, NEWROOT + CGROUP_ROOT, "tmpfs", "tmpfs",
                    MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=0755,size=64k,nr_inodes=64")]
+    if any(d.version == 2 and d.hierarchy.mount == CGROUP_ROOT for d in dirs):
+        # a pure cgroup-v2 host: the sandbox's cgroup2 is all there is
+        return [*ops, MountOp(lib.NSX_MNT_MOUNT, NEWROOT + CGROUP_ROOT, "cgroup2", "cgroup2",
+                              CGROUPFS_FLAGS)]
     names: dict[str, str] = {}  # inside name -> v1 controllers ("" for cgroup2)
     for d in dirs:
         h = d.hierarchy
