@@ -540,9 +540,14 @@ def test_v2_clone_into_cgroup_places_the_sandbox(v2_only: list[bool], no_leaks: 
         async with running(proc):
             assert proc.cgroup is not None and proc.cgroup.v2_dir is not None
             v2 = proc.cgroup.v2_dir
-            await asyncio.sleep(0.2)
             line = Path(f"/proc/{proc.pid}/cgroup").read_text().splitlines()[-1]
-            procs = [int(p) for p in Path(v2.path, "cgroup.procs").read_text().split()]
+            # until sh has started both sleeps (slow in a VM without KVM)
+            deadline = time.monotonic() + 10 * SLOWDOWN
+            while True:
+                procs = [int(p) for p in Path(v2.path, "cgroup.procs").read_text().split()]
+                if len(procs) >= 4 or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(0.05)
             proc.cgroup.kill_and_remove()  # cgroup.kill: the init and everything under it
             return line, v2.hierarchy.cgroup_path(v2.path), procs, await proc.wait()
 
