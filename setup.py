@@ -102,4 +102,7 @@ class BuildWithLabextension(build_py):
 setup(
     cffi_modules=["nsprovisioner/_build.py:ffibuilder"],
     cmdclass={"build_ext": BuildWithInit, "build_py": BuildWithLabextension},
+    # cffi builds the extension for the stable ABI (_nsexec.abi3.so), and the
+    # helper is a program: one wheel serves every CPython from 3.10
+    options={"bdist_wheel": {"py_limited_api": "cp310"}},
 )

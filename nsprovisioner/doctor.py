@@ -18,7 +18,7 @@ import pwd
 import re
 import shutil
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cgroupfs import CgroupHost
@@ -169,8 +169,11 @@ def one_line(e: BaseException) -> str:
 async def _try_spawn(spec: SandboxSpec) -> tuple[str | None, str | None]:
     """(error, failed step) of starting /bin/true in `spec`; (None, None) when it ran."""
     from .spawn import DEVNULL, spawn
+    # no writable path: the probe must not depend on the caller's working
+    # directory (run from /, "{cwd}" would be the root, which no path may be)
+    spec = replace(spec, readwrite_paths=())
     try:
-        proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL)
+        proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL, cwd="/")
         code = await proc.wait()
     except SandboxError as e:
         return one_line(e), e.step

@@ -45,8 +45,11 @@ chmod -R a+rX "$WORK"
 echo "== static checks"
 (cd "$REPO" && "$VENV/bin/ruff" check nsprovisioner tests benchmarks && "$VENV/bin/mypy" --strict nsprovisioner)
 
-echo "== tests as root"
+echo "== the wheel: sdist, manylinux wheel, installed without a compiler, a kernel from it"
 status=0
+bash "$REPO/scripts/wheel-test.sh" || status=1
+
+echo "== tests as root"
 (cd "$WORK" && NSPROV_REQUIRE_CGROUPS=1 "$VENV/bin/python" -m pytest tests -q \
     -p no:cacheprovider) || status=1
 
