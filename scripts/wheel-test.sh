@@ -25,7 +25,11 @@ start=$SECONDS
 # behind, and an earlier in-place build's objects must not reach the wheel.
 mkdir "$WORK/src"
 (cd "$REPO" && cp -r pyproject.toml setup.py MANIFEST.in README.md LICENSE csrc nsprovisioner \
-    share "$WORK/src/")
+    share jupyter-config "$WORK/src/")
+# the JupyterLab extension's sources only: the wheel builds it from the sdist
+mkdir "$WORK/src/labextension"
+(cd "$REPO/labextension" && cp -r package.json package-lock.json tsconfig.json core src style \
+    "$WORK/src/labextension/")
 (cd "$WORK/src" && rm -rf nsprovisioner/nsinit nsprovisioner/_nsexec.* \
     nsprovisioner/__pycache__ nsprovisioner/*/__pycache__)
 # --no-isolation: the venv has the build requirements (setup-host.sh puts them
@@ -58,6 +62,10 @@ from jupyter_client.manager import start_new_kernel
 shipped = KernelSpecManager().get_kernel_spec("python3-sandboxed").resource_dir
 logos = {"logo-32x32.png", "logo-64x64.png", "logo-svg.svg"}
 assert logos <= set(os.listdir(shipped)), f"{shipped} lacks its logos"
+lab = os.path.join(sys.prefix, "share/jupyter/labextensions/nsprovisioner-lab/package.json")
+assert os.path.isfile(lab), "the wheel lacks the JupyterLab extension"
+server_ext = os.path.join(sys.prefix, "etc/jupyter/jupyter_server_config.d/nsprovisioner.json")
+assert os.path.isfile(server_ext), "the wheel lacks the server extension's config"
 
 km, kc = start_new_kernel(kernel_name="python3-sandboxed", startup_timeout=60)
 try:
