@@ -27,6 +27,7 @@ from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 from .errors import SandboxError
 from .kernel_launcher import PROVISIONER_NAME, wrap_argv
 from .kernelsandbox import CONFIG_KEYS, check_env_keep, check_keys, merge_spec
+from .pool import check_pool_size
 from .provisioner import NamespaceProvisioner
 
 # jupyter_client finds kernels by directory name, case-insensitively
@@ -71,6 +72,8 @@ def parse_options(items: list[str]) -> dict[str, Any]:
     check_keys(options, where)
     if "env_keep" in options:
         check_env_keep(options["env_keep"], where)
+    if "pool_size" in options:
+        check_pool_size(options["pool_size"], where)
     defaults = NamespaceProvisioner()
     configured = {key: getattr(defaults, key) for key in CONFIG_KEYS}
     merge_spec(configured, options, "Jupyter config", where)

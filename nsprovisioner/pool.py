@@ -1,0 +1,455 @@
+"""Warm sandboxes: kernels started ahead of their requests, each handed out once.
+
+Nearly all of a kernel's start is its interpreter importing ipykernel. A pool
+keeps `pool_size` sandboxes per (kernelspec, sandbox config) in which that
+import is done: each runs zygote.py, which waits for the kernel's cwd,
+environment and argv and then becomes `python -m ipykernel_launcher ...`.
+
+A pooled sandbox is made for one Target: the interpreter and module, the
+cwd (its `{cwd}` bind), the environment but for JPY_SESSION_NAME (what the
+interpreter may read while it starts), the runtime dirs it hides. A request
+with another target is started the ordinary way and the pool is refilled for
+it; a kernel is never handed out for a request it was not made for.
+
+The connection file does not exist when the sandbox is made, and the runtime
+dir that will hold it is hidden. So a pooled sandbox gets, at the runtime
+dir's path, a read-only bind of a directory of its own beside its socket dir
+(unlistable, as the hidden dir is); at hand-out the server copies the
+connection file in, and it shows at its own path, read-only, as in a fresh
+sandbox. A pooled kernel has seen no session, no connection file, no
+notebook's code: it has only imported modules.
+
+Pools live in the server process, on its event loop thread (the sandboxes'
+PR_SET_PDEATHSIG is tied to the thread that cloned them: they die with the
+server, SIGKILL included). At a clean exit they are killed and their files
+removed; after a SIGKILL, the next server's sweep removes their cgroups and
+directories (ipcdir.sweep_dead_servers, cgroup_layout.sweep_stale_cgroups).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import concurrent.futures
+import dataclasses
+import glob
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .cgroupfs import process_start_time
+from .errors import SandboxError
+from .ipcdir import SERVER_DIR_RE, expose_only, make_socket_dir, remove_socket_dir, sockets_parent
+from .kernelsandbox import hide_runtime_dirs
+from .mounts import PathPins
+from .process import SandboxProcess
+from .sandbox import SandboxSpec
+from .spawn import DEVNULL, PIPE, command_env, spawn
+
+# The kernel modules a pooled sandbox can become (the argv `python -m MODULE ...`).
+MODULES = ("ipykernel_launcher", "ipykernel")
+# What ipykernel (6 and 7) imports while it starts, before any notebook code
+# runs: the zygote imports these ahead (those installed). A module missing
+# from this list costs time at hand-out, never correctness; one that a
+# kernel would not import must not be added.
+IMPORTED_AT_START = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
+                     "ipykernel.debugger", "IPython.core.completerlib",
+                     "IPython.core.debugger", "IPython.core.oinspect",
+                     "IPython.extensions.storemagic", "tornado.platform.asyncio",
+                     "faulthandler", "pdb", "psutil")
+# Set per request, read by the kernel only once it runs: not part of a Target.
+LATE_ENV = frozenset({"JPY_SESSION_NAME"})
+RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir
+HANDED_OUT_SUFFIX = ".kernel-runtime"  # renamed at hand-out (the bind inside follows)
+ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
+# Refills wait until no ordinary start has run for this long: the kernels of a
+# burst that missed the pool get the CPU first.
+QUIET_BEFORE_REFILL = 1.0
+
+
+def check_pool_size(value: object, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise SandboxError(f"{where}: pool_size {value!r} must be a whole number >= 0 "
+                           "(0: no pool)")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What a pooled kernel was made for; it serves only a request with the same."""
+
+    python: str
+    module: str
+    cwd: str
+    env: tuple[tuple[str, str], ...]  # sorted, without LATE_ENV
+    connection_dir: str  # real path; hidden in a fresh sandbox
+    hidden_dirs: tuple[str, ...]  # the other runtime dirs a fresh sandbox hides
+    spec: SandboxSpec  # the kernelspec's sandbox, before runtime dirs and sockets
+
+
+def request_target(spec: SandboxSpec, cmd: Sequence[str], env: Mapping[str, str], cwd: str,
+                   connection_file: str, runtime_dirs: Sequence[str],
+                   relayed: bool) -> Target | None:
+    """The Target of a launch, or None when no pooled kernel could be it."""
+    if not relayed or len(cmd) < 4 or cmd[1] != "-m" or cmd[2] not in MODULES:
+        return None
+    if connection_file not in cmd[3:] or not os.path.isabs(cmd[0]):
+        return None
+    connection_dir = os.path.realpath(os.path.dirname(connection_file))
+    fresh = hide_runtime_dirs(spec, runtime_dirs)
+    if connection_dir not in fresh.hidden_paths:
+        return None  # a shared dir (/tmp) that a fresh sandbox doesn't hide
+    others = tuple(sorted(p for p in fresh.hidden_paths
+                          if p not in spec.hidden_paths and p != connection_dir))
+    full_env = command_env(spec, env)
+    return Target(python=cmd[0], module=cmd[2], cwd=os.path.abspath(cwd),
+                  env=tuple(sorted((k, v) for k, v in full_env.items() if k not in LATE_ENV)),
+                  connection_dir=connection_dir, hidden_dirs=others, spec=spec)
+
+
+class PooledKernel:
+    """A waiting sandbox: its init, the zygote's socket and its directories."""
+
+    def __init__(self, name: str, target: Target, proc: SandboxProcess, channel: socket.socket,
+                 socket_dir: str, runtime_dir: str, pins: PathPins) -> None:
+        self.name = name
+        self.target = target
+        self.proc = proc
+        self.channel = channel
+        self.socket_dir = socket_dir
+        self.runtime_dir = runtime_dir
+        self.pins = pins
+        self.ready = False
+        self.started = time.monotonic()
+
+    def hand_out(self, connection_file: str, cwd: str, env: Mapping[str, str],
+                 args: Sequence[str]) -> None:
+        """Show the connection file in the sandbox and send the zygote its request."""
+        handed_out = self.runtime_dir[:-len(RUNTIME_SUFFIX)] + HANDED_OUT_SUFFIX
+        os.rename(self.runtime_dir, handed_out)
+        self.runtime_dir = handed_out
+        os.chmod(self.runtime_dir, 0o700)
+        copy = os.path.join(self.runtime_dir, os.path.basename(connection_file))
+        with open(connection_file, "rb") as src:
+            data = src.read()
+        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with open(fd, "wb") as dst:
+            dst.write(data)
+        os.chmod(self.runtime_dir, 0o111)  # as the fresh sandbox's hidden dir: no listing
+        request = json.dumps({"cwd": cwd, "env": dict(env), "args": list(args)}).encode()
+        self.channel.setblocking(True)
+        self.channel.sendall(request)
+        self.channel.close()
+
+    def remove_runtime_dir(self) -> None:
+        if os.path.isdir(self.runtime_dir):
+            os.chmod(self.runtime_dir, 0o700)
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+
+def _loop() -> asyncio.AbstractEventLoop:
+    return asyncio.get_running_loop()
+
+
+class KernelPool:
+    """The waiting kernels of one (kernelspec, sandbox config)."""
+
+    def __init__(self, kernelspec: str, spec_key: str, log: logging.Logger | Any) -> None:
+        self.kernelspec = kernelspec
+        self.spec_key = spec_key
+        self.log = log
+        self.size = 0
+        self.target: Target | None = None
+        self.waiting: list[PooledKernel] = []
+        self.loop = _loop()
+        self._filling: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()
+        self.handed_out = 0
+        self.died = 0
+
+    # ---- what the provisioner calls -------------------------------------------------
+
+    def take(self) -> PooledKernel | None:
+        """A live waiting kernel (a ready one first), removed from the pool."""
+        live = [k for k in self.waiting if k.proc.poll() is None]
+        if not live:
+            return None
+        kernel = next((k for k in live if k.ready), live[0])
+        self.waiting.remove(kernel)
+        self._unwatch(kernel)
+        self.handed_out += 1
+        return kernel
+
+    def want(self, target: Target | None, size: int, log: logging.Logger | Any) -> None:
+        """Keep `size` kernels for `target` (None: none), refilled in the background."""
+        self.log = log
+        self.size = size
+        if target != self.target:
+            self.target = target
+            for kernel in list(self.waiting):
+                self.discard(kernel, "the pool's kernelspec request changed")
+        while len(self.waiting) > size:
+            self.discard(self.waiting[-1], "pool_size is smaller")
+        if self.target is not None and len(self.waiting) < size and (
+                self._filling is None or self._filling.done()):
+            self._filling = self.loop.create_task(self._fill())
+
+    def discard(self, kernel: PooledKernel, why: str, keep_socket_dir: bool = False) -> None:
+        """Kill a kernel that will not be handed out and remove its files."""
+        if kernel in self.waiting:
+            self.waiting.remove(kernel)
+        self.log.debug("pooled kernel %s (%s) discarded: %s", kernel.name, self.kernelspec, why)
+        self._unwatch(kernel)
+        kernel.channel.close()
+        kernel.proc.kill()
+        task = self.loop.create_task(self._reap(kernel, keep_socket_dir))
+        self._stopping.add(task)
+        task.add_done_callback(self._stopping.discard)
+
+    async def close(self) -> None:
+        """Kill every waiting kernel and wait until they and their files are gone."""
+        self.size = 0
+        self.target = None
+        if self._filling is not None:
+            self._filling.cancel()
+            try:
+                await self._filling
+            except asyncio.CancelledError:
+                pass  # what we asked for
+        for kernel in list(self.waiting):
+            self.discard(kernel, "the pool closes")
+        while self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+
+    # ---- filling ----------------------------------------------------------------------
+
+    async def _fill(self) -> None:
+        while self.target is not None and len(self.waiting) < self.size:
+            await ForegroundStarts.quiet()
+            target = self.target
+            if target is None or len(self.waiting) >= self.size:
+                return
+            try:
+                kernel = await self._start(target)
+            except SandboxError as e:
+                self.log.error("pooled kernel for %s could not start: %s; the pool stays "
+                               "short until the next kernel start", self.kernelspec, e)
+                return
+            if target != self.target or len(self.waiting) >= self.size:
+                self.discard(kernel, "the pool's request changed while it started")
+                continue
+            self.waiting.append(kernel)
+            self._watch(kernel)
+            self.log.debug("pooled kernel %s (%s) waiting; %d of %d", kernel.name,
+                           self.kernelspec, len(self.waiting), self.size)
+
+    async def _start(self, target: Target) -> PooledKernel:
+        name = f"pool{secrets.token_hex(6)}"
+        socket_dir = make_socket_dir(name)
+        runtime_dir = socket_dir + RUNTIME_SUFFIX
+        os.mkdir(runtime_dir, 0o700)
+        os.chmod(runtime_dir, 0o111)
+        spec = hide_runtime_dirs(target.spec, target.hidden_dirs)
+        spec = dataclasses.replace(
+            spec, readonly_paths=(*spec.readonly_paths, target.connection_dir))
+        spec = expose_only(spec, socket_dir)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        pins = PathPins()
+        try:
+            argv = [target.python, "-c", ZYGOTE_SOURCE, str(theirs.fileno()), target.module,
+                    ",".join(IMPORTED_AT_START)]
+            proc = await spawn(spec, argv, env=dict(target.env), cwd=target.cwd,
+                               stdin=DEVNULL, stdout=PIPE, stderr=PIPE,
+                               pass_fds=[theirs.fileno()], name=name, path_pins=pins,
+                               network_before_exec=False,
+                               bind_sources={target.connection_dir: runtime_dir})
+        except BaseException:
+            ours.close()
+            os.chmod(runtime_dir, 0o700)
+            shutil.rmtree(runtime_dir, ignore_errors=True)
+            remove_socket_dir(socket_dir)
+            raise
+        finally:
+            theirs.close()
+        ours.setblocking(False)
+        return PooledKernel(name, target, proc, ours, socket_dir, runtime_dir, pins)
+
+    # ---- waiting ---------------------------------------------------------------------
+
+    def _watch(self, kernel: PooledKernel) -> None:
+        self.loop.add_reader(kernel.proc.pidfd, self._check_alive, kernel)
+        self.loop.add_reader(kernel.channel.fileno(), self._read_ready, kernel)
+
+    def _unwatch(self, kernel: PooledKernel) -> None:
+        if kernel.proc.pidfd >= 0:
+            self.loop.remove_reader(kernel.proc.pidfd)
+        if kernel.channel.fileno() >= 0:
+            self.loop.remove_reader(kernel.channel.fileno())
+
+    def _read_ready(self, kernel: PooledKernel) -> None:
+        try:
+            data = kernel.channel.recv(16)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        self.loop.remove_reader(kernel.channel.fileno())
+        if data:
+            kernel.ready = True
+            self.log.debug("pooled kernel %s (%s) ready after %.2f s", kernel.name,
+                           self.kernelspec, time.monotonic() - kernel.started)
+
+    def _check_alive(self, kernel: PooledKernel) -> None:
+        status = kernel.proc.poll() if kernel.proc.pidfd >= 0 else kernel.proc.returncode
+        if status is None or kernel not in self.waiting:
+            return
+        self.died += 1
+        self.log.warning("pooled kernel %s (%s) died while waiting (status %s)%s",
+                         kernel.name, self.kernelspec, status,
+                         "; replacing it" if kernel.ready else
+                         " before its imports were done; the pool stays short until the "
+                         "next kernel start")
+        ready = kernel.ready
+        self.discard(kernel, "it died")
+        if ready:
+            self.want(self.target, self.size, self.log)
+        else:
+            self.size = 0
+
+    async def _reap(self, kernel: PooledKernel, keep_socket_dir: bool) -> None:
+        await kernel.proc.wait()
+        kernel.proc.close_pipes()
+        kernel.remove_runtime_dir()
+        if not keep_socket_dir:
+            remove_socket_dir(kernel.socket_dir)
+
+
+class ForegroundStarts:
+    """Ordinary kernel starts in progress, which refills make way for."""
+
+    running = 0
+    last_end = 0.0
+
+    def __enter__(self) -> None:
+        ForegroundStarts.running += 1
+
+    def __exit__(self, *exc: object) -> None:
+        ForegroundStarts.running -= 1
+        ForegroundStarts.last_end = time.monotonic()
+
+    @staticmethod
+    async def quiet() -> None:
+        while True:
+            idle = time.monotonic() - ForegroundStarts.last_end
+            if ForegroundStarts.running == 0 and idle >= QUIET_BEFORE_REFILL:
+                return
+            await asyncio.sleep(max(0.05, QUIET_BEFORE_REFILL - idle))
+
+
+# ---- the server's pools ---------------------------------------------------------------
+
+_pools: dict[tuple[str, str], KernelPool] = {}
+
+
+def pool_for(kernelspec: str, spec: SandboxSpec, log: logging.Logger | Any) -> KernelPool:
+    """The pool of this kernelspec and config; the kernelspec's pools of other configs
+    (a config changed since) are closed. Pools of an event loop that ended are dropped
+    (each test runs its own loop; a server has one)."""
+    loop = _loop()
+    for key, pool in list(_pools.items()):
+        if pool.loop is not loop or pool.loop.is_closed():
+            _kill_now(pool)
+            del _pools[key]
+    key = (kernelspec, repr(spec))
+    for other_key, pool in list(_pools.items()):
+        if other_key[0] == kernelspec and other_key != key:
+            log.info("kernelspec %s: its sandbox config changed; closing its pool of %d "
+                     "kernel(s) made for the old one", kernelspec, len(pool.waiting))
+            del _pools[other_key]
+            task = loop.create_task(pool.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+    if key not in _pools:
+        _pools[key] = KernelPool(kernelspec, key[1], log)
+    return _pools[key]
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def retire_pools(kernelspec: str, log: logging.Logger | Any) -> None:
+    """Close the kernelspec's pools: its pool_size is 0 now."""
+    for key, pool in list(_pools.items()):
+        if key[0] == kernelspec and pool.loop is _loop():
+            log.info("kernelspec %s: pool_size is 0 now; closing its pool", kernelspec)
+            del _pools[key]
+            task = pool.loop.create_task(pool.close())
+            _closing.add(task)
+            task.add_done_callback(_closing.discard)
+
+
+def waiting_in_this_process() -> int:
+    return sum(len(p.waiting) for p in _pools.values())
+
+
+async def close_pools() -> None:
+    """Kill every pool's kernels and remove their files (tests; a server's exit)."""
+    pools = list(_pools.values())
+    _pools.clear()
+    for pool in pools:
+        await pool.close()
+    while _closing:
+        await asyncio.gather(*_closing, return_exceptions=True)
+
+
+def _kill_now(pool: KernelPool) -> None:
+    """Without an event loop: kill, reap and remove synchronously (at exit)."""
+    for kernel in list(pool.waiting):
+        pool.waiting.remove(kernel)
+        kernel.channel.close()
+        proc = kernel.proc
+        proc.kill()
+        deadline = time.monotonic() + 5
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if proc._cgroup_removed is not None:
+            try:
+                proc._cgroup_removed.result(timeout=5)
+            except (OSError, concurrent.futures.TimeoutError) as e:
+                pool.log.warning("pooled kernel %s: its cgroup was not removed at exit: %s",
+                                 kernel.name, e)
+        proc.close_pipes()
+        kernel.remove_runtime_dir()
+        remove_socket_dir(kernel.socket_dir)
+
+
+@atexit.register
+def _at_exit() -> None:
+    for pool in list(_pools.values()):
+        _kill_now(pool)
+    _pools.clear()
+
+
+def waiting_on_host() -> dict[int, int]:
+    """Waiting pooled kernels of this user's live servers: {server pid: count}."""
+    found: dict[int, int] = {}
+    try:
+        parent = sockets_parent()
+    except (OSError, SandboxError):
+        return found
+    for entry in os.listdir(parent):
+        m = SERVER_DIR_RE.fullmatch(entry)
+        if not m or process_start_time(int(m[1])) != int(m[2]):
+            continue
+        count = len(glob.glob(os.path.join(parent, entry, "*" + RUNTIME_SUFFIX)))
+        if count:
+            found[int(m[1])] = count
+    return found
+

@@ -1,0 +1,61 @@
+"""The program a pooled kernel's sandbox runs while it waits (pool.py).
+
+It runs as `<kernel's python> -c <this file's source> FD MODULE AHEAD`, in the
+sandbox and with the environment a kernel started now would get, so it needs
+nothing but the standard library: the kernel's Python may not have
+nsprovisioner installed. It imports what `python -m MODULE` would import
+while it starts (AHEAD, comma-separated: ipykernel and its dependencies,
+nearly all of a kernel's start), says
+"ready" on the socket FD, and waits there for the one request it will ever
+get: the kernel's cwd, environment and arguments. It then becomes the kernel
+as `python -m MODULE ARGS` would have run it: sys.path, sys.argv and __main__
+as -m sets them, the socket closed. An empty request (the pool shutting it
+down) ends it.
+
+Nothing here may run code of a notebook's, nor import from the cwd:
+ipykernel_launcher takes the cwd off sys.path while it imports, and so does
+this program.
+"""
+
+import json
+import os
+import socket
+import sys
+
+READY = b"ready"
+
+
+def receive(channel: socket.socket) -> bytes:
+    chunks = []
+    while chunk := channel.recv(1 << 16):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def main() -> None:
+    fd, module, ahead = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    # -c put '' first; ipykernel_launcher removes the cwd while it imports
+    del sys.path[0]
+    for name in ahead:
+        try:
+            __import__(name)
+        except ImportError:
+            pass  # not installed here: the kernel won't import it either
+    __import__("runpy")
+    channel = socket.socket(fileno=fd)
+    channel.sendall(READY)
+    data = receive(channel)
+    channel.close()
+    if not data:
+        sys.exit(0)
+    request = json.loads(data)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.path.insert(0, os.getcwd())  # as `python -m` has it
+    sys.argv = ["-m", *request["args"]]
+    sys.modules["runpy"].run_module(module, run_name="__main__", alter_sys=True)
+
+
+if __name__ == "__main__":
+    main()
