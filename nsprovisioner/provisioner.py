@@ -344,7 +344,7 @@ class NamespaceProvisioner(LocalProvisioner):
         """Return once the pooled kernel listens (tens of ms): a client that connects
         to an ipc socket not yet there retries only after zmq's reconnect interval
         (100 ms), longer than the kernel needs to get there."""
-        info = self.connection_info
+        info: dict[str, Any] = dict(self.connection_info)
         ip = info.get("ip")
         if info.get("transport") != "ipc" or not isinstance(ip, str):
             return
