@@ -63,7 +63,7 @@ IMPORTED_AT_START = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmq
                      "ipykernel.debugger", "IPython.core.completerlib",
                      "IPython.core.debugger", "IPython.core.oinspect",
                      "IPython.extensions.storemagic", "tornado.platform.asyncio",
-                     "faulthandler", "pdb", "psutil")
+                     "faulthandler", "pdb")
 # Set per request, read by the kernel only once it runs: not part of a Target.
 LATE_ENV = frozenset({"JPY_SESSION_NAME"})
 RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir

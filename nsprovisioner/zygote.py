@@ -36,6 +36,7 @@ def main() -> None:
     fd, module, ahead = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
     # -c put '' first; ipykernel_launcher removes the cwd while it imports
     del sys.path[0]
+    before = dict(os.environ)
     for name in ahead:
         try:
             __import__(name)
@@ -50,8 +51,15 @@ def main() -> None:
         sys.exit(0)
     request = json.loads(data)
     os.chdir(request["cwd"])
+    # what the imports did to the environment (debugpy sets a variable) they
+    # would have done to the kernel's, which differs only by its session
+    changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
+    removed = set(before) - set(os.environ)
     os.environ.clear()
     os.environ.update(request["env"])
+    os.environ.update(changed)
+    for name in removed:
+        os.environ.pop(name, None)
     sys.path.insert(0, os.getcwd())  # as `python -m` has it
     sys.argv = ["-m", *request["args"]]
     sys.modules["runpy"].run_module(module, run_name="__main__", alter_sys=True)
