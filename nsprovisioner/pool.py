@@ -51,7 +51,7 @@ from .kernelsandbox import hide_runtime_dirs
 from .mounts import PathPins
 from .process import SandboxProcess
 from .sandbox import SandboxSpec
-from .spawn import DEVNULL, PIPE, command_env, spawn
+from .spawn import PIPE, command_env, spawn
 
 # The kernel modules a pooled sandbox can become (the argv `python -m MODULE ...`).
 MODULES = ("ipykernel_launcher", "ipykernel")
@@ -263,11 +263,11 @@ class KernelPool:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pins = PathPins()
         try:
-            argv = [target.python, "-c", ZYGOTE_SOURCE, str(theirs.fileno()), target.module,
+            argv = [target.python, "-c", ZYGOTE_SOURCE, target.module,
                     ",".join(IMPORTED_AT_START)]
             proc = await spawn(spec, argv, env=dict(target.env), cwd=target.cwd,
-                               stdin=DEVNULL, stdout=PIPE, stderr=PIPE,
-                               pass_fds=[theirs.fileno()], name=name, path_pins=pins,
+                               stdin=theirs.fileno(), stdout=PIPE, stderr=PIPE,
+                               name=name, path_pins=pins,
                                network_before_exec=False,
                                bind_sources={target.connection_dir: runtime_dir})
         except BaseException:

@@ -1,15 +1,15 @@
 """The program a pooled kernel's sandbox runs while it waits (pool.py).
 
-It runs as `<kernel's python> -c <this file's source> FD MODULE AHEAD`, in the
+It runs as `<kernel's python> -c <this file's source> MODULE AHEAD`, in the
 sandbox and with the environment a kernel started now would get, so it needs
 nothing but the standard library: the kernel's Python may not have
 nsprovisioner installed. It imports what `python -m MODULE` would import
 while it starts (AHEAD, comma-separated: ipykernel and its dependencies,
 nearly all of a kernel's start), says
-"ready" on the socket FD, and waits there for the one request it will ever
+"ready" on its stdin, a socket, and waits there for the one request it will ever
 get: the kernel's cwd, environment and arguments. It then becomes the kernel
 as `python -m MODULE ARGS` would have run it: sys.path, sys.argv and __main__
-as -m sets them, the socket closed. An empty request (the pool shutting it
+as -m sets them, its stdin /dev/null as a kernel's is. An empty request (the pool shutting it
 down) ends it.
 
 Nothing here may run code of a notebook's, nor import from the cwd:
@@ -33,7 +33,7 @@ def receive(channel: socket.socket) -> bytes:
 
 
 def main() -> None:
-    fd, module, ahead = int(sys.argv[1]), sys.argv[2], sys.argv[3].split(",")
+    module, ahead = sys.argv[1], sys.argv[2].split(",")
     # -c put '' first; ipykernel_launcher removes the cwd while it imports
     del sys.path[0]
     before = dict(os.environ)
@@ -43,10 +43,13 @@ def main() -> None:
         except ImportError:
             pass  # not installed here: the kernel won't import it either
     __import__("runpy")
-    channel = socket.socket(fileno=fd)
+    channel = socket.socket(fileno=os.dup(0))
     channel.sendall(READY)
     data = receive(channel)
     channel.close()
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.close(devnull)
     if not data:
         sys.exit(0)
     request = json.loads(data)

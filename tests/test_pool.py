@@ -254,7 +254,7 @@ def test_the_restarter_restarts_a_pooled_kernel_killed_from_outside(kernels: Pat
             km, kc = await start(kernels, "/a.ipynb")
             await stop(km, kc)
             await filled(2)
-            km, kc = await start(kernels, "/a.ipynb", AsyncIOLoopKernelManager,
+            km, kc = await start(kernels, "/a.ipynb", cls=AsyncIOLoopKernelManager,
                                  config=Config({"KernelRestarter": {"time_to_dead": 0.2}}))
             assert km.provisioner.pooled
             restarted = asyncio.Event()
