@@ -50,7 +50,7 @@ from .ipcdir import SERVER_DIR_RE, expose_only, make_socket_dir, remove_socket_d
 from .kernelsandbox import hide_runtime_dirs
 from .mounts import PathPins
 from .process import SandboxProcess
-from .sandbox import SandboxSpec
+from .sandbox import SandboxSpec, check_env
 from .spawn import PIPE, command_env, spawn
 
 # The kernel modules a pooled sandbox can become (the argv `python -m MODULE ...`).
@@ -66,6 +66,7 @@ IMPORTED_AT_START = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmq
                      "faulthandler", "pdb")
 # Set per request, read by the kernel only once it runs: not part of a Target.
 LATE_ENV = frozenset({"JPY_SESSION_NAME"})
+CANT_SHOW_AS = b"no-mm-map"  # what zygote.py says instead of "ready" when it can't
 RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir
 HANDED_OUT_SUFFIX = ".kernel-runtime"  # renamed at hand-out (the bind inside follows)
 ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
@@ -130,7 +131,7 @@ class PooledKernel:
         self.started = time.monotonic()
 
     def hand_out(self, connection_file: str, cwd: str, env: Mapping[str, str],
-                 args: Sequence[str]) -> None:
+                 cmd: Sequence[str]) -> None:
         """Show the connection file in the sandbox and send the zygote its request."""
         handed_out = self.runtime_dir[:-len(RUNTIME_SUFFIX)] + HANDED_OUT_SUFFIX
         os.rename(self.runtime_dir, handed_out)
@@ -143,7 +144,8 @@ class PooledKernel:
         with open(fd, "wb") as dst:
             dst.write(data)
         os.chmod(self.runtime_dir, 0o111)  # as the fresh sandbox's hidden dir: no listing
-        request = json.dumps({"cwd": cwd, "env": dict(env), "args": list(args)}).encode()
+        request = json.dumps({"cwd": cwd, "env": dict(env), "args": list(cmd[3:]),
+                              "cmdline": list(cmd), "environ": check_env(dict(env))}).encode()
         self.channel.setblocking(True)
         self.channel.sendall(request)
         self.channel.close()
@@ -301,7 +303,13 @@ class KernelPool:
         except OSError:
             data = b""
         self.loop.remove_reader(kernel.channel.fileno())
-        if data:
+        if data == CANT_SHOW_AS:
+            self.log.error("pooled kernels of %s would show the waiting program's command "
+                           "line in /proc (prctl PR_SET_MM_MAP refused); no pool for it",
+                           self.kernelspec)
+            self.size = 0
+            self.discard(kernel, "it can't pass for a fresh kernel")
+        elif data:
             kernel.ready = True
             self.log.debug("pooled kernel %s (%s) ready after %.2f s", kernel.name,
                            self.kernelspec, time.monotonic() - kernel.started)

@@ -373,7 +373,7 @@ class NamespaceProvisioner(LocalProvisioner):
         assert self.spec is not None and self.parent is not None
         try:
             pooled.hand_out(self.parent.connection_file, target.cwd,
-                            command_env(self.spec, env), cmd[3:])
+                            command_env(self.spec, env), cmd)
         except OSError as e:
             pool.discard(pooled, f"the hand-out failed: {e}", keep_socket_dir=True)
             self.log.warning("kernel %s (%s): the pooled kernel could not take the request "

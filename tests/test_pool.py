@@ -57,6 +57,8 @@ def err(fn, *a):
 status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines())
 print(json.dumps({
     'cwd': os.getcwd(), 'env': dict(os.environ), 'argv0': sys.argv[0],
+    'cmdline': open('/proc/self/cmdline').read().replace(cf, 'CF'),
+    'environ': open('/proc/self/environ').read(), 'orig_argv': [a if a != cf else 'CF' for a in sys.orig_argv],
     'argv': [a if a != cf else 'CF' for a in sys.argv[1:]],
     'connection_file': open(cf).read(), 'cf_write': err(open, cf, 'a'),
     'runtime_listing': err(os.listdir, os.path.dirname(cf)),
