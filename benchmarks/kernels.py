@@ -94,6 +94,42 @@ async def pool_ready(count: int, name: str) -> None:
         await asyncio.sleep(0.05)
 
 
+def tree_pss(pid: int) -> int:
+    """Proportional set size of a process and its descendants, in bytes."""
+    total, todo = 0, [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f
+                             if line.startswith("Pss:"))
+            with open(f"/proc/{p}/task/{p}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            continue
+    return total
+
+
+async def pool_memory(ksm: KernelSpecManager) -> dict[str, float]:
+    """MiB of PSS: a waiting pooled kernel's sandbox, and the same once it is a kernel."""
+    from nsprovisioner import pool
+
+    await pool_ready(2, POOLED)
+    waiting = [k.proc.pid for p in pool._pools.values() for k in p.waiting]
+    before = statistics.median(tree_pss(pid) for pid in waiting) / 2**20
+    km = manager(ksm, POOLED)
+    await km.start_kernel()
+    kc = km.client()
+    kc.start_channels()
+    try:
+        await kc.wait_for_ready(timeout=60)
+        after = tree_pss(km.provisioner.sandbox.pid) / 2**20
+    finally:
+        kc.stop_channels()
+        await km.shutdown_kernel(now=True)
+    return {"waiting": before, "started": after}
+
+
 async def first_kernel_info(kc: Any) -> None:
     """The kernel's first kernel_info reply (wait_for_ready adds >= 0.2 s of iopub flush)."""
     kc.kernel_info()
@@ -254,14 +290,17 @@ async def main(repeat: int, concurrent: list[int], json_out: Path | None,
             results[f"{count} concurrent"] = {p: found[p][0] for p in PROVISIONERS}
             results[f"{count} concurrent failures"] = {p: found[p][1] for p in PROVISIONERS}
             results[f"{count} concurrent, median start"] = {p: found[p][2] for p in PROVISIONERS}
+        memory = await pool_memory(ksm)
         from nsprovisioner.pool import close_pools
         await close_pools()
+    print(f"PSS of a pooled kernel's sandbox while it waits: {memory['waiting']:.0f} MiB; "
+          f"once started: {memory['started']:.0f} MiB")
     print_table(results, repeat)
     if json_out:
         json_out.write_text(json.dumps({"repeat": repeat, "results": results,
-                                        "samples": samples}, indent=2))
+                                        "samples": samples, "pool_pss_mib": memory}, indent=2))
     if plot_out:
-        plot(results, plot_out)
+        plot(results, samples, plot_out)
 
 
 def print_table(results: dict[str, dict[str, Any]], repeat: int) -> None:
@@ -283,13 +322,22 @@ def print_table(results: dict[str, dict[str, Any]], repeat: int) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
 
 
-def plot(results: dict[str, dict[str, Any]], path: Path) -> None:
+def plot(results: dict[str, dict[str, Any]], samples: dict[str, dict[str, list[float]]],
+         path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in results if not k.endswith("failures")]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, (ax, starts) = plt.subplots(1, 2, figsize=(12, 3.8),
+                                     gridspec_kw={"width_ratios": [3, 2]})
+    starts.boxplot([[t * 1000 for t in samples[p]["start"]] for p in PROVISIONERS],
+                   tick_labels=list(PROVISIONERS))
+    starts.set_yscale("log")
+    starts.axhline(50, color="green", linewidth=0.8, linestyle="--")
+    starts.set_ylabel("start -> first kernel_info reply (ms)")
+    starts.set_title("Each start (green: 50 ms)")
+    starts.tick_params(axis="x", rotation=15)
     sandboxed = PROVISIONERS[1:]
     width = 0.8 / len(sandboxed)
     for i, name in enumerate(sandboxed):

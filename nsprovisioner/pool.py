@@ -42,7 +42,7 @@ import socket
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from .cgroupfs import process_start_time
 from .errors import SandboxError
@@ -70,9 +70,10 @@ CANT_SHOW_AS = b"no-mm-map"  # what zygote.py says instead of "ready" when it ca
 RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir
 HANDED_OUT_SUFFIX = ".kernel-runtime"  # renamed at hand-out (the bind inside follows)
 ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
-# Refills wait until no ordinary start has run for this long: the kernels of a
-# burst that missed the pool get the CPU first.
-QUIET_BEFORE_REFILL = 1.0
+# Refills wait until every ordinary start's kernel listens, and this long after
+# the last one did (ForegroundStarts).
+QUIET_BEFORE_REFILL = 0.2
+LISTEN_WAIT = 60.0  # an ordinary start counts as running at most this long
 
 
 def check_pool_size(value: object, where: str) -> int:
@@ -340,23 +341,44 @@ class KernelPool:
 
 
 class ForegroundStarts:
-    """Ordinary kernel starts in progress, which refills make way for."""
+    """Ordinary kernel starts whose kernel does not listen yet. A start is CPU-bound
+    imports until the kernel binds its sockets; refills wait for all of them, so a
+    burst that empties the pool is not slowed by its refill."""
 
     running = 0
     last_end = 0.0
+    _watches: ClassVar[set[asyncio.Task[None]]] = set()
 
-    def __enter__(self) -> None:
-        ForegroundStarts.running += 1
+    @classmethod
+    def begin(cls) -> None:
+        cls.running += 1
 
-    def __exit__(self, *exc: object) -> None:
-        ForegroundStarts.running -= 1
-        ForegroundStarts.last_end = time.monotonic()
+    @classmethod
+    def end(cls) -> None:
+        cls.running -= 1
+        cls.last_end = time.monotonic()
 
-    @staticmethod
-    async def quiet() -> None:
+    @classmethod
+    def until_listening(cls, sockets: Sequence[str], proc: SandboxProcess) -> None:
+        """end() once the kernel's ipc `sockets` exist, it died, or LISTEN_WAIT passed."""
+        async def watch() -> None:
+            deadline = time.monotonic() + LISTEN_WAIT
+            try:
+                while (not all(os.path.exists(p) for p in sockets) and proc.poll() is None
+                       and time.monotonic() < deadline):
+                    await asyncio.sleep(0.05)
+            finally:
+                cls.end()
+
+        task = _loop().create_task(watch())
+        cls._watches.add(task)
+        task.add_done_callback(cls._watches.discard)
+
+    @classmethod
+    async def quiet(cls) -> None:
         while True:
-            idle = time.monotonic() - ForegroundStarts.last_end
-            if ForegroundStarts.running == 0 and idle >= QUIET_BEFORE_REFILL:
+            idle = time.monotonic() - cls.last_end
+            if cls.running == 0 and idle >= QUIET_BEFORE_REFILL:
                 return
             await asyncio.sleep(max(0.05, QUIET_BEFORE_REFILL - idle))
 

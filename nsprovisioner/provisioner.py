@@ -315,12 +315,17 @@ class NamespaceProvisioner(LocalProvisioner):
         try:
             proc = self._from_pool(pool, target, cmd, kwargs.get("env") or {})
             if proc is None:
-                with ForegroundStarts():
+                ForegroundStarts.begin()
+                try:
                     proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
                                        stdin=DEVNULL, stdout=stdout, stderr=stderr,
                                        name=self.kernel_id, path_pins=self.path_pins,
                                        # a kernel runs notebook code only once launched
                                        network_before_exec=False)
+                except BaseException:
+                    ForegroundStarts.end()
+                    raise
+                ForegroundStarts.until_listening(self._socket_paths(), proc)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
@@ -340,15 +345,19 @@ class NamespaceProvisioner(LocalProvisioner):
             await self._until_bound()
         return self.connection_info
 
+    def _socket_paths(self) -> list[str]:
+        """The kernel's ipc sockets, once it listens; [] over tcp."""
+        info: dict[str, Any] = dict(self.connection_info)
+        ip = info.get("ip")
+        if info.get("transport") != "ipc" or not isinstance(ip, str):
+            return []
+        return [f"{ip}-{info[key]}" for key in PORT_KEYS if key in info]
+
     async def _until_bound(self) -> None:
         """Return once the pooled kernel listens (tens of ms): a client that connects
         to an ipc socket not yet there retries only after zmq's reconnect interval
         (100 ms), longer than the kernel needs to get there."""
-        info: dict[str, Any] = dict(self.connection_info)
-        ip = info.get("ip")
-        if info.get("transport") != "ipc" or not isinstance(ip, str):
-            return
-        paths = [f"{ip}-{info[key]}" for key in PORT_KEYS if key in info]
+        paths = self._socket_paths()
         deadline = time.monotonic() + BIND_WAIT
         while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
             if self.sandbox is None or self.sandbox.poll() is not None:

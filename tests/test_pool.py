@@ -25,8 +25,10 @@ from jupyter_client.manager import AsyncKernelManager
 from traitlets.config import Config
 
 from nsprovisioner import pool as pool_module
+from nsprovisioner.cli import main as cli_main
+from nsprovisioner.doctor import HostFacts, check_pools
 from nsprovisioner.ipcdir import sockets_parent
-from nsprovisioner.pool import close_pools
+from nsprovisioner.pool import close_pools, waiting_on_host
 
 from .conftest import SLOWDOWN, execute_ok, run
 from .test_provisioner import READY_TIMEOUT, manager, write_kernelspec
@@ -342,6 +344,10 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_killed(tmp_path: Path)
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
         time.sleep(1)  # its imports
+        # doctor counts it: one waiting kernel of this server
+        assert waiting_on_host().get(server.pid) == 1
+        assert "1 waiting (1 in server" in check_pools(HostFacts(
+            pooled_kernels=waiting_on_host())).detail
         second = request("POST", url + "/api/kernels", {"name": POOLED})[1]["id"]
         assert f"kernel {second} ({POOLED}) came from the pool" in log.read_text()
         assert f"kernel {first} ({POOLED}) came from the pool" not in log.read_text()
@@ -376,3 +382,40 @@ def _cmdline_or_cgroup(p: Path) -> str:
         return (p / "cgroup").read_text()
     except OSError:
         return ""
+
+
+def test_an_installed_kernelspec_with_pool_size_is_pooled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
+    src = tmp_path / "path" / "kernels" / "src"
+    write_kernelspec(tmp_path / "path" / "kernels", "src", provisioner="local")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "path"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    assert cli_main(["install", "--from", "src", "--name", "warm", "--config",
+                     "pool_size=-1"]) != 0
+    assert "pool_size -1 must be a whole number >= 0" in capsys.readouterr().err
+    assert cli_main(["install", "--from", "src", "--name", "warm", "--config",
+                     "pool_size=1"]) == 0
+    spec = json.loads((tmp_path / "data" / "kernels" / "warm" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"] == {"pool_size": 1}
+    assert src.exists()
+    (tmp_path / "data" / "runtime").mkdir()  # manager()'s connection files
+    (tmp_path / "work").mkdir()
+
+    async def main() -> None:
+        kernels = tmp_path / "data" / "kernels"
+        try:
+            for pooled in (False, True):
+                km = manager(kernels, "warm")
+                await km.start_kernel(cwd=str(tmp_path / "work"))
+                assert km.provisioner.pooled is pooled
+                kc = km.client()
+                kc.start_channels()
+                await kc.wait_for_ready(timeout=READY_TIMEOUT)
+                assert (await execute_ok(kc, "print(6 * 7)")).strip() == "42"
+                await stop(km, kc)
+                if not pooled:
+                    await filled(1, "warm")
+        finally:
+            await close_pools()
+    run(main())
