@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import concurrent.futures
 import dataclasses
 import glob
 import json
@@ -440,22 +439,25 @@ async def close_pools() -> None:
 
 
 def _kill_now(pool: KernelPool) -> None:
-    """Without an event loop: kill, reap and remove synchronously (at exit)."""
+    """Without an event loop (at exit, or the loop is gone): kill, reap and remove
+    synchronously. No worker thread: at exit the executors take no more work."""
     for kernel in list(pool.waiting):
         pool.waiting.remove(kernel)
         kernel.channel.close()
         proc = kernel.proc
-        proc.kill()
-        deadline = time.monotonic() + 5
-        while proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        if proc._cgroup_removed is not None:
+        if proc.pidfd >= 0:
+            proc.kill()
             try:
-                proc._cgroup_removed.result(timeout=5)
-            except (OSError, concurrent.futures.TimeoutError) as e:
-                pool.log.warning("pooled kernel %s: its cgroup was not removed at exit: %s",
-                                 kernel.name, e)
-        proc.close_pipes()
+                os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED)  # SIGKILL: at once
+            except ChildProcessError:
+                pass  # reaped already
+            os.close(proc.pidfd)
+            proc.pidfd = -1
+        if proc.cgroup is not None:
+            proc.cgroup.kill_and_remove()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         kernel.remove_runtime_dir()
         remove_socket_dir(kernel.socket_dir)
 

@@ -308,7 +308,9 @@ def cgroups_named(part: str) -> list[str]:
     return found
 
 
-def test_a_server_hands_out_culls_and_leaves_nothing_when_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL"])
+def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path,
+                                                                  end: str) -> None:
     kernels = tmp_path / "share" / "kernels"
     write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1})
     for sub in ("runtime", "config", "root"):
@@ -360,19 +362,22 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_killed(tmp_path: Path)
             time.sleep(0.2)
         waiting = [os.path.basename(d).split("-")[0] for d in glob.glob(pool_dirs)]
     finally:
-        server.kill()  # SIGKILL: no atexit, no cleanup of its own
-        server.wait(15)
+        # SIGTERM: a clean exit (atexit); SIGKILL: no cleanup of its own
+        server.send_signal(getattr(signal, end))
+        server.wait(30)
     # the pooled kernel died with the server (PR_SET_PDEATHSIG), nothing runs in its name
     deadline = time.monotonic() + 10
     while any(p for p in Path("/proc").iterdir() if p.name.isdigit() and
               waiting[0] in _cmdline_or_cgroup(p)):
         assert time.monotonic() < deadline, "a pooled kernel outlived its server"
         time.sleep(0.2)
-    # the next server sweeps what this one left: sockets, copies of connection files, cgroups
-    from nsprovisioner.cgroup_layout import sweep_stale_cgroups
-    from nsprovisioner.ipcdir import sweep_dead_servers
-    sweep_dead_servers(str(tmp_path / "runtime"))
-    sweep_stale_cgroups("auto")
+    # after SIGKILL the next server sweeps what this one left: sockets, copies of
+    # connection files, cgroups; a clean exit leaves nothing to sweep
+    if end == "SIGKILL":
+        from nsprovisioner.cgroup_layout import sweep_stale_cgroups
+        from nsprovisioner.ipcdir import sweep_dead_servers
+        sweep_dead_servers(str(tmp_path / "runtime"))
+        sweep_stale_cgroups("auto")
     assert not glob.glob(os.path.join(sockets_parent(), f"server-{server.pid}-*"))
     assert not cgroups_named(waiting[0])
 
