@@ -110,11 +110,24 @@ async def start(kernels: Path, session: str, cwd: str | None = None,
     await km.start_kernel(cwd=cwd or str(kernels.parent / "work"), env=env)
     kc = km.client()
     kc.start_channels()
+    RUNNING.append((km, kc))
     await kc.wait_for_ready(timeout=READY_TIMEOUT)
     return km, kc
 
 
+RUNNING: list[tuple[Any, Any]] = []  # started by start(), not yet stopped
+
+
+async def finish() -> None:
+    """Whatever a test left running (it failed), then the pools."""
+    while RUNNING:
+        await stop(*RUNNING[-1])
+    await close_pools()
+
+
 async def stop(km: Any, kc: Any) -> None:
+    if (km, kc) in RUNNING:
+        RUNNING.remove((km, kc))
     kc.stop_channels()
     if km.has_kernel:
         await km.shutdown_kernel(now=True)
@@ -147,7 +160,7 @@ def test_a_pooled_kernel_is_a_fresh_one(kernels: Path, no_leaks: None) -> None:
             await stop(fresh_km, fresh_kc)
             await stop(pooled_km, pooled_kc)
         finally:
-            await close_pools()
+            await finish()
     run(main())
 
 
@@ -210,7 +223,7 @@ def test_a_request_the_pool_was_not_made_for_starts_fresh(kernels: Path,
             assert (await probe(kc))["hostname"] == "changed"
             await stop(km, kc)
         finally:
-            await close_pools()
+            await finish()
     run(main())
 
 
@@ -223,7 +236,9 @@ def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
             await filled(2)
             km, kc = await start(kernels, "/a.ipynb")
             assert km.provisioner.pooled
-            msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)")
+            # stop_on_error=False: the next request is not aborted for the interrupt
+            msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)",
+                                stop_on_error=False)
             while True:
                 msg = await kc.get_iopub_msg(timeout=10)
                 if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
@@ -247,7 +262,7 @@ def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
             assert sandbox.returncode is not None
             assert not os.path.exists(km.connection_file)
         finally:
-            await close_pools()
+            await finish()
     run(main())
 
 
@@ -271,7 +286,7 @@ def test_the_restarter_restarts_a_pooled_kernel_killed_from_outside(kernels: Pat
             assert (await execute_ok(kc, "print('back')")).strip() == "back"
             await stop(km, kc)
         finally:
-            await close_pools()
+            await finish()
     run(main())
 
 
@@ -295,7 +310,7 @@ def test_a_pooled_kernel_that_dies_waiting_is_replaced_not_served(
             assert km.provisioner.sandbox is not victim.proc
             await stop(km, kc)
         finally:
-            await close_pools()
+            await finish()
     run(main())
     assert any("died while waiting" in r.getMessage() for r in caplog.records)
 
@@ -422,5 +437,5 @@ def test_an_installed_kernelspec_with_pool_size_is_pooled(
                 if not pooled:
                     await filled(1, "warm")
         finally:
-            await close_pools()
+            await finish()
     run(main())
