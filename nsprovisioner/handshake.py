@@ -270,21 +270,14 @@ def _fault(fault_step: int, name: str) -> None:
 
 async def readable(fd: int) -> None:
     """Wait until `fd` (e.g. a pidfd, readable once its process exits) is readable."""
-    loop = asyncio.get_running_loop()
-    ready: asyncio.Future[None] = loop.create_future()
-
-    def wake() -> None:
-        if not ready.done():
-            ready.set_result(None)
-
-    loop.add_reader(fd, wake)
-    try:
-        await ready
-    finally:
-        loop.remove_reader(fd)
+    await _ready(fd, write=False)
 
 
 async def writable(fd: int) -> None:
+    await _ready(fd, write=True)
+
+
+async def _ready(fd: int, *, write: bool) -> None:
     loop = asyncio.get_running_loop()
     ready: asyncio.Future[None] = loop.create_future()
 
@@ -292,11 +285,11 @@ async def writable(fd: int) -> None:
         if not ready.done():
             ready.set_result(None)
 
-    loop.add_writer(fd, wake)
+    (loop.add_writer if write else loop.add_reader)(fd, wake)
     try:
         await ready
     finally:
-        loop.remove_writer(fd)
+        (loop.remove_writer if write else loop.remove_reader)(fd)
 
 
 async def _reap(pid: int, pidfd: int) -> int:
@@ -331,27 +324,34 @@ async def run_handshake(
     except SandboxError as e:
         if e.grandchild_pid and not hs.grandchild_pid:
             hs.grandchild_pid = e.grandchild_pid  # our unreaped child: its pid is stable
-        if e.stage is None:  # no record: a stage that crashed or was killed says so
-            killed = await _killed_stage(hs)
-            if killed:
-                raise SandboxError(f"the sandbox {killed}", step=e.step) from None
+        if e.stage is None:  # no record: how the stage ended says more
+            ended = await _stage_end(hs)
+            if ended and "killed by" in ended:
+                raise SandboxError(f"the sandbox {ended}", step=e.step) from None
+            if ended:
+                raise SandboxError(f"{e}; the sandbox {ended}", step=e.step) from None
         raise
 
 
-async def _killed_stage(hs: Handshake) -> str | None:
-    """'child was killed by SIGSEGV' when a stage died of a signal, else None."""
+async def _stage_end(hs: Handshake) -> str | None:
+    """How a stage that ended without a record ended: "child was killed by
+    SIGSEGV", "grandchild exited with status 1"; None when none has."""
     for who, pid, pidfd in (("child", hs.child_pid, hs.child_pidfd),
                             ("grandchild", hs.grandchild_pid, hs.grandchild_pidfd)):
         if pidfd < 0 or not _exiting(pid):
             continue
         try:
-            await asyncio.wait_for(readable(pidfd), 1.0)
+            # an exit under load can take a while: the caller fails anyway
+            await asyncio.wait_for(readable(pidfd), 5.0)
         except asyncio.TimeoutError:
-            continue
+            return f"{who} did not finish exiting within 5 s"
         died = os.waitid(os.P_PIDFD, pidfd,  # noqa: ASYNC222 - it has exited
                          os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        if died is not None and died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
+        if died is None:
+            continue
+        if died.si_code in (os.CLD_KILLED, os.CLD_DUMPED):
             return f"{who} was killed by {signal.Signals(died.si_status).name}"
+        return f"{who} exited with status {died.si_status}"
     return None
 
 

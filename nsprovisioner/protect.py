@@ -24,13 +24,17 @@ at its next start.
 
 from __future__ import annotations
 
+import logging
 import os
 import site
+import stat
 import sys
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from jupyter_core import paths as jupyter_paths
+
+from .errors import SandboxError
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -38,6 +42,8 @@ if TYPE_CHECKING:
 # Non-dot entries of home that something outside runs from: Debian's
 # ~/.profile puts ~/bin on PATH when it exists.
 HOME_EXECUTABLE_DIRS = ("bin",)
+
+log = logging.getLogger(__name__)
 # Directories of home that tools outside read, made empty when missing (an
 # empty one changes nothing for them) so that they exist to be protected: a
 # kernel can't plant ~/.ssh/authorized_keys, a pip.conf or a cache entry in a
@@ -171,16 +177,56 @@ def state_paths(spec: SandboxSpec, name: str) -> dict[str, str]:
     if spec.state_dir is None:
         return {}
     root = os.path.expanduser(spec.state_dir)
-    parts = {
-        "state": root,
-        "cache": os.path.join(root, "cache"),
-        "ipython": os.path.join(root, "ipython"),
-        "matplotlib": os.path.join(root, "matplotlib"),
-        "python": os.path.join(root, "python", name),
-    }
-    for path in parts.values():
-        os.makedirs(path, mode=0o700, exist_ok=True)
+    os.makedirs(root, mode=0o700, exist_ok=True)
+    below = {"cache": ("cache",), "ipython": ("ipython",), "matplotlib": ("matplotlib",),
+             "python": ("python", name if name not in ("", ".", "..") else "_")}
+    parts = {"state": root}
+    for part, names in below.items():
+        _make_below(root, names)
+        parts[part] = os.path.join(root, *names)
     return parts
+
+
+def _make_below(root: str, names: tuple[str, ...]) -> None:
+    """Make root/names..., never following a symlink below `root`.
+
+    Every sandbox writes in its state directory: a kernel can swap one of
+    these directories for a symlink to where it can't write (~/.jupyter), and
+    the server's next makedirs would create a directory there. A symlink found
+    is removed (it holds nothing) and a directory made in its place; anything
+    else that is not a directory is an error naming it.
+    """
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    path = root
+    try:
+        for component in names:
+            component = component.replace("/", "_")
+            path = os.path.join(path, component)
+            try:
+                os.mkdir(component, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            try:
+                child = os.open(component, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+                                | os.O_CLOEXEC, dir_fd=fd)
+            except OSError:
+                child = _replace_symlink(fd, component, path)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+
+
+def _replace_symlink(dir_fd: int, component: str, path: str) -> int:
+    if not stat.S_ISLNK(os.lstat(component, dir_fd=dir_fd).st_mode):
+        raise SandboxError(f"{path} in the sandboxes' state directory is not a directory",
+                           hint=f"remove it (rm {path}) or set state_dir elsewhere")
+    log.warning("%s: a sandbox had replaced this state directory by a symlink; it is a "
+                "directory again", path)
+    os.unlink(component, dir_fd=dir_fd)
+    os.mkdir(component, 0o700, dir_fd=dir_fd)
+    return os.open(component, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                   dir_fd=dir_fd)
 
 
 # The directory whose sitecustomize makes the sandbox's Python user base

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import subprocess
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +42,19 @@ def proc_status():
     return {k: v.strip() for k, _, v in (line.partition(":\\t") for line in
             read("/proc/self/status").splitlines()) if v}
 """
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float, *,
+                 terminate: bool = True) -> None:
+    """End a process the test started: SIGTERM (unless it is ending by itself),
+    `timeout` seconds to exit, then SIGKILL; reaped in any case."""
+    if terminate and proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:

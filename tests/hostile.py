@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, final
 
+from .conftest import stop_process
+
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_SPEC = ROOT / "share/jupyter/kernels/python3-sandboxed/kernel.json"
 DRIVER = Path(__file__).resolve().parent / "hostile_server.py"
@@ -158,11 +160,7 @@ class ServerProcess:
                 f.close()
             except OSError:
                 pass
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 20, terminate=False)  # its requests closed: it ends
 
     def __enter__(self) -> ServerProcess:
         return self

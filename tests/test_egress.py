@@ -4,10 +4,11 @@ and cloud metadata out of reach; no pasta outlives its sandbox.
 As root the test builds its own "internet": a network namespace joined to the host
 by a veth pair (198.51.100.0/24, a documentation range), an HTTP server there, and
 two more addresses it answers on through routes the test adds and removes:
-169.254.169.254 (a cloud's metadata address) and 10.254.0.1 (the LAN). Traffic goes
-only there and to loopback. Names resolve through pasta's forwarder to the host's
-resolver, which the test can't make answer for its own names: it checks that a name
-resolves inside as it does outside.
+169.254.169.254 (a cloud's metadata address) and 10.254.0.1 (the LAN), and a DNS
+server for its own names (tests/dns_server.py). Traffic goes only there and to
+loopback. Names resolve through pasta's forwarder to the resolver the server's
+/etc/resolv.conf names: one test runs the server where that file names the test's
+DNS server, the others check that a name resolves inside as it does outside.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ INET_PEER = "198.51.100.2"   # the "internet" host
 METADATA = "169.254.169.254"
 LAN = "10.254.0.1"
 HTTP_PORT = 8080
+INET_NAME = "www.internet.test"  # what the test's DNS server answers for: INET_PEER
+TESTS_ROOT = Path(__file__).resolve().parent.parent
 
 
 def _stat(pid: str) -> tuple[str, str] | None:
@@ -80,7 +83,7 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     (www / "hello.txt").write_text("hello from the internet\n")
     (www / "big.bin").write_bytes(os.urandom(1 << 20) * 100)  # 100 MiB
     ip("netns", "add", name)
-    server = None
+    server = dns = None
     try:
         ip("link", "add", veth, "type", "veth", "peer", "name", "inet0", "netns", name)
         ip("addr", "add", f"{INET_HOST}/24", "dev", veth)
@@ -96,6 +99,10 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             ["ip", "netns", "exec", name, sys.executable, "-m", "http.server", "--bind",
              "0.0.0.0", "--directory", str(www), str(HTTP_PORT)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        dns = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-m", "tests.dns_server", INET_PEER,
+             f"{INET_NAME}={INET_PEER}"], cwd=TESTS_ROOT, stdout=subprocess.PIPE, text=True)
+        assert dns.stdout is not None and dns.stdout.readline() == "ready\n"
         for _ in range(100):
             try:
                 socket.create_connection((INET_PEER, HTTP_PORT), timeout=1).close()
@@ -104,9 +111,10 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.05)
         yield name
     finally:
-        if server is not None:
-            server.kill()
-            server.wait()
+        for process in (server, dns):
+            if process is not None:
+                process.kill()
+                process.wait()
         for route in (METADATA, LAN):
             subprocess.run(["ip", "route", "del", f"{route}/32"], check=False,
                            capture_output=True)
@@ -122,21 +130,23 @@ def kernels(tmp_path: Path) -> Path:
     return kernels
 
 
-PROBE = r"""
+# Probe helpers, run inside: what a connect() met ("connected", "EACCES", ...),
+# a URL's text or the error's name, a name's sorted addresses or the error's name.
+NET_HELPERS = r"""
 import errno, json, socket, urllib.request
 def attempt(host, port):
     s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     s.settimeout(3)
     try:
-        s.connect((host, port))
+        s.connect(socket.getaddrinfo(host, port, s.family, socket.SOCK_STREAM)[0][4])
         return "connected"
     except OSError as e:
         return errno.errorcode.get(e.errno, str(e))
     finally:
         s.close()
-def fetch(url):
+def fetch(url, timeout=5):
     try:
-        return urllib.request.urlopen(url, timeout=5).read().decode()
+        return urllib.request.urlopen(url, timeout=timeout).read().decode()
     except OSError as e:
         return type(e).__name__
 def resolve(name):
@@ -144,6 +154,9 @@ def resolve(name):
         return sorted({a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)})
     except OSError as e:
         return type(e).__name__
+"""
+
+PROBE = NET_HELPERS + r"""
 print(json.dumps({
     "by_address": fetch("http://INET_PEER:HTTP_PORT/hello.txt"),
     "metadata": attempt("METADATA", HTTP_PORT),
@@ -228,6 +241,41 @@ def test_a_sandbox_denied_nothing_but_the_always_denied_reaches_the_lan(internet
     out = _run_capture(spec, [sys.executable, "-c", code])
     assert f"{LAN} ECONNREFUSED" in out or f"{LAN} connected" in out  # reached the LAN
     assert f"{METADATA} EACCES" in out
+
+
+BY_NAME = NET_HELPERS + r"""
+print(json.dumps({"resolved": resolve(NAME), "fetched": fetch(URL, timeout=10)}))
+"""
+
+SPAWN_AND_PRINT = r"""
+import sys
+from nsprovisioner import SandboxSpec
+from tests.test_egress import _run_capture
+sys.stdout.write(_run_capture(SandboxSpec(network="egress"), [sys.executable, "-c", sys.argv[1]]))
+"""
+
+
+def test_egress_fetches_by_a_name_the_servers_resolver_answers(internet: str,
+                                                                tmp_path: Path) -> None:
+    """The sandbox's DNS is pasta's forwarder, which asks the resolver the server's
+    /etc/resolv.conf names. Here the server runs in a mount namespace whose
+    resolv.conf names the test internet's DNS server: a name only that server
+    knows resolves inside, and the kernel fetches by it."""
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text(f"nameserver {INET_PEER}\n")
+    code = (BY_NAME.replace("NAME", repr(INET_NAME))
+            .replace("URL", repr(f"http://{INET_NAME}:{HTTP_PORT}/hello.txt")))
+    out = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+         'mount --bind "$1" /etc/resolv.conf && shift && exec "$@"', "sh", str(resolv),
+         sys.executable, "-c", SPAWN_AND_PRINT, code],
+        check=False, cwd=TESTS_ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["resolved"] == [INET_PEER]
+    assert result["fetched"] == "hello from the internet\n"
+    assert outside_resolution(INET_NAME) != [INET_PEER]  # only the sandbox's resolver knows it
+    assert pasta_processes() == []
 
 
 def _run_capture(spec: SandboxSpec, argv: list[str]) -> str:
@@ -320,23 +368,8 @@ def test_egress_without_pasta_not_strict_starts_with_loopback_only(
     assert out.strip() == "['lo']"
 
 
-NO_INTERNET_PROBE = r"""
-import errno, json, socket, subprocess
-def attempt(host, port):
-    s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    s.settimeout(3)
-    try:
-        s.connect(socket.getaddrinfo(host, port, s.family, socket.SOCK_STREAM)[0][4])
-        return "connected"
-    except OSError as e:
-        return errno.errorcode.get(e.errno, str(e))
-    finally:
-        s.close()
-def resolve(name):
-    try:
-        return sorted({a[4][0] for a in socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)})
-    except OSError as e:
-        return type(e).__name__
+NO_INTERNET_PROBE = NET_HELPERS + r"""
+import subprocess
 undo = subprocess.run(["ip", "rule", "del", "pref", "11"], capture_output=True, text=True)
 print(json.dumps({
     "host_listener": attempt("127.0.0.1", PORT),

@@ -32,7 +32,7 @@ from nsprovisioner.cgroupfs import CgroupHost
 from nsprovisioner.cli import main as cli_main
 from nsprovisioner.kernel_launcher import MODULE, kernel_argv, wrap_argv
 
-from .conftest import require_limit, run
+from .conftest import require_limit, run, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -109,13 +109,7 @@ def direct_launch(argv: list[str], connection_file: str) -> Iterator[
         yield proc, kc
     finally:
         kc.stop_channels()
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, 15)
 
 
 def execute(kc: BlockingKernelClient, code: str) -> str:

@@ -92,3 +92,34 @@ def test_cwd_symlink_swap_before_restart_binds_nothing_else(tmp_path: Path) -> N
         assert "secret.txt" not in seen["listing"] and seen["secret"] != "read", (
             f"the restarted kernel sees the host dir {hostdir} (swap: {swapped}): {seen}")
         assert os.path.realpath(seen["cwd"]) != str(hostdir)
+
+
+PLANT = PROBE_HELPERS + """
+base = os.environ["PYTHONUSERBASE"]               # <state>/python/<kernelspec>
+python = os.path.dirname(base)
+planted = {"rename": err(os.rename, python, python + ".old")}
+if planted["rename"] is None:
+    planted["symlink"] = err(os.symlink, TARGET, python)
+print(json.dumps({**planted, "state": os.path.dirname(python), "name": os.path.basename(base)}))
+"""
+
+
+def test_a_state_dir_symlink_makes_the_server_create_nothing_outside(tmp_path: Path) -> None:
+    """The sandboxes' state dir is writable inside: swap its python/ for a symlink to
+    ~/.jupyter (read-only inside) and start the next kernel. The server must not
+    create <kernelspec name> in ~/.jupyter through it; the next kernel works."""
+    host = make_host(tmp_path)
+    target = host.home / ".jupyter"
+    with ServerProcess(host, tmp_path / "server.log") as server:
+        first = server.ok("start", name=SANDBOXED, cwd=str(host.home / "notebooks"))["id"]
+        before = sorted(os.listdir(target))
+        planted = json.loads(server.execute(first, f"TARGET = {str(target)!r}\n" + PLANT))
+        assert planted["rename"] is None and planted["symlink"] is None, planted
+        later = server.ok("start", name=SANDBOXED, cwd=str(host.home / "notebooks"))["id"]
+        userbase = server.execute(later, "import os; print(os.environ['PYTHONUSERBASE'])")
+        log = server.log()
+    assert sorted(os.listdir(target)) == before, "the server created a directory through it"
+    python = Path(planted["state"]) / "python"
+    assert python.is_dir() and not python.is_symlink()
+    assert userbase.strip() == str(python / planted["name"])
+    assert "replaced this state directory by a symlink" in log

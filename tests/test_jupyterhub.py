@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import stop_process
+
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0,
     reason="JupyterHub's LocalProcessSpawner must run as root to start servers as other users")
@@ -165,12 +167,7 @@ c.Spawner.http_timeout = 90
             except urllib.error.URLError:
                 pass
         time.sleep(1)
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
         log.close()
         for user in USERS:
             subprocess.run(["pkill", "-KILL", "-u", user], check=False)

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from tornado.websocket import websocket_connect
 
-from .conftest import run
+from .conftest import run, stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_ALL = ROOT / "share/jupyter/nsprovisioner/jupyter_server_config_sandbox_all.py"
@@ -82,8 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
-        proc.wait(15)
+        stop_process(proc, 15)
 
 
 def request(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:

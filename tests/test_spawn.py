@@ -220,10 +220,13 @@ def test_kill_of_init_leaves_nothing_in_the_pid_namespace(no_leaks: None) -> Non
         assert proc.stdout is not None
         loop = asyncio.get_running_loop()
         ns = (await loop.run_in_executor(None, proc.stdout.readline)).decode().strip()
-        await asyncio.sleep(0.2)
         # init, sh, 2 x sleep (only root may look at the init's namespaces: it
-        # is not dumpable)
-        assert len(set(processes_in_pid_ns(ns)) | {proc.pid}) == 4
+        # is not dumpable), once sh has started both
+        deadline = time.monotonic() + 10
+        while (len(seen := set(processes_in_pid_ns(ns)) | {proc.pid}) < 4
+               and time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        assert len(seen) == 4
         proc.kill()
         assert await proc.wait() == -signal.SIGKILL
         proc.close_pipes()
