@@ -340,7 +340,8 @@ class NamespaceProvisioner(LocalProvisioner):
                    (("stdout", stdio[0]), ("stderr", stdio[1])) if asked not in (PIPE, DEVNULL)}
         self.relay = OutputRelay(self.log, self.kernel_id, relayed) if relayed else None
         if pool is not None:
-            pool.want(target, self.resolve_pool_size(), self.log)
+            # a request no pooled kernel could serve leaves the pool as it is
+            pool.want(target or pool.target, self.resolve_pool_size(), self.log)
         if self.pooled:
             await self._until_bound()
         return self.connection_info
