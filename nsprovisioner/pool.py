@@ -180,14 +180,14 @@ class KernelPool:
 
     def take(self) -> PooledKernel | None:
         """A live waiting kernel (a ready one first), removed from the pool."""
-        live = [k for k in self.waiting if k.proc.poll() is None]
-        if not live:
-            return None
-        kernel = next((k for k in live if k.ready), live[0])
-        self.waiting.remove(kernel)
-        self._unwatch(kernel)
-        self.handed_out += 1
-        return kernel
+        for kernel in sorted(self.waiting, key=lambda k: not k.ready):
+            if not self._check_alive(kernel):
+                continue
+            self.waiting.remove(kernel)
+            self._unwatch(kernel)
+            self.handed_out += 1
+            return kernel
+        return None
 
     def want(self, target: Target | None, size: int, log: logging.Logger | Any) -> None:
         """Keep `size` kernels for `target` (None: none), refilled in the background."""
@@ -314,10 +314,15 @@ class KernelPool:
             self.log.debug("pooled kernel %s (%s) ready after %.2f s", kernel.name,
                            self.kernelspec, time.monotonic() - kernel.started)
 
-    def _check_alive(self, kernel: PooledKernel) -> None:
-        status = kernel.proc.poll() if kernel.proc.pidfd >= 0 else kernel.proc.returncode
-        if status is None or kernel not in self.waiting:
-            return
+    def _check_alive(self, kernel: PooledKernel) -> bool:
+        """Whether a waiting kernel lives; a dead one is logged, discarded and replaced.
+        (Also the pidfd's reader: readable once the init exited.)"""
+        if kernel not in self.waiting:
+            return False
+        if kernel.proc.returncode is None and not _exited(kernel.proc):
+            return True
+        self._unwatch(kernel)  # before poll() reaps the init and closes its pidfd
+        status = kernel.proc.poll()
         self.died += 1
         self.log.warning("pooled kernel %s (%s) died while waiting (status %s)%s",
                          kernel.name, self.kernelspec, status,
@@ -330,6 +335,7 @@ class KernelPool:
             self.want(self.target, self.size, self.log)
         else:
             self.size = 0
+        return False
 
     async def _reap(self, kernel: PooledKernel, keep_socket_dir: bool) -> None:
         await kernel.proc.wait()
@@ -337,6 +343,15 @@ class KernelPool:
         kernel.remove_runtime_dir()
         if not keep_socket_dir:
             remove_socket_dir(kernel.socket_dir)
+
+
+def _exited(proc: SandboxProcess) -> bool:
+    """Whether the init has exited, without reaping it (its pidfd is readable then)."""
+    try:
+        return os.waitid(os.P_PIDFD, proc.pidfd,
+                         os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
 
 
 class ForegroundStarts:
