@@ -39,13 +39,17 @@ import secrets
 import shutil
 import socket
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from jupyter_client.connect import write_connection_file
+
 from .cgroupfs import process_start_time
 from .errors import SandboxError
 from .ipcdir import SERVER_DIR_RE, expose_only, make_socket_dir, remove_socket_dir, sockets_parent
+from .ipcdir import endpoint as socket_endpoint
 from .kernelsandbox import hide_runtime_dirs
 from .mounts import PathPins
 from .process import SandboxProcess
@@ -54,18 +58,14 @@ from .spawn import PIPE, command_env, spawn
 
 # The kernel modules a pooled sandbox can become (the argv `python -m MODULE ...`).
 MODULES = ("ipykernel_launcher", "ipykernel")
-# What ipykernel (6 and 7) imports while it starts, before any notebook code
-# runs: the zygote imports these ahead (those installed). A module missing
-# from this list costs time at hand-out, never correctness; one that a
-# kernel would not import must not be added.
-IMPORTED_AT_START = ("ipykernel.kernelapp", "ipykernel.ipkernel", "ipykernel.zmqshell",
-                     "ipykernel.debugger", "IPython.core.completerlib",
-                     "IPython.core.debugger", "IPython.core.oinspect",
-                     "IPython.extensions.storemagic", "tornado.platform.asyncio",
-                     "faulthandler", "pdb")
+# Stands for the connection file in a Target's args.
+CONNECTION_FILE = "{connection_file}"
 # Set per request, read by the kernel only once it runs: not part of a Target.
 LATE_ENV = frozenset({"JPY_SESSION_NAME"})
 CANT_SHOW_AS = b"no-mm-map"  # what zygote.py says instead of "ready" when it can't
+RAN_STARTUP_CODE = b"startup-code:"  # ... when its init ran code in the user namespace
+HANDED_OUT = b"handed-out"  # its answer to the request
+HAND_OUT_WAIT = 5.0  # seconds the answer may take at most (it takes well under 1 ms)
 RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir
 HANDED_OUT_SUFFIX = ".kernel-runtime"  # renamed at hand-out (the bind inside follows)
 ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
@@ -88,6 +88,8 @@ class Target:
 
     python: str
     module: str
+    args: tuple[str, ...]  # after `-m MODULE`, the connection file as CONNECTION_FILE
+    kernel_name: str  # the connection file's kernel_name
     cwd: str
     env: tuple[tuple[str, str], ...]  # sorted, without LATE_ENV
     connection_dir: str  # real path; hidden in a fresh sandbox
@@ -97,9 +99,11 @@ class Target:
 
 def request_target(spec: SandboxSpec, cmd: Sequence[str], env: Mapping[str, str], cwd: str,
                    connection_file: str, runtime_dirs: Sequence[str],
-                   relayed: bool) -> Target | None:
-    """The Target of a launch, or None when no pooled kernel could be it."""
-    if not relayed or len(cmd) < 4 or cmd[1] != "-m" or cmd[2] not in MODULES:
+                   relayed: bool, kernel_name: str, encrypted: bool) -> Target | None:
+    """The Target of a launch, or None when no pooled kernel could be it (its
+    output isn't relayed to the log, CurveZMQ keys a pooled kernel lacks, not a
+    `python -m ipykernel...` command with the connection file as an argument)."""
+    if not relayed or encrypted or len(cmd) < 4 or cmd[1] != "-m" or cmd[2] not in MODULES:
         return None
     if connection_file not in cmd[3:] or not os.path.isabs(cmd[0]):
         return None
@@ -110,17 +114,24 @@ def request_target(spec: SandboxSpec, cmd: Sequence[str], env: Mapping[str, str]
     others = tuple(sorted(p for p in fresh.hidden_paths
                           if p not in spec.hidden_paths and p != connection_dir))
     full_env = command_env(spec, env)
-    return Target(python=cmd[0], module=cmd[2], cwd=os.path.abspath(cwd),
+    args = tuple(CONNECTION_FILE if a == connection_file else a for a in cmd[3:])
+    return Target(python=cmd[0], module=cmd[2], args=args, kernel_name=kernel_name,
+                  cwd=os.path.abspath(cwd),
                   env=tuple(sorted((k, v) for k, v in full_env.items() if k not in LATE_ENV)),
                   connection_dir=connection_dir, hidden_dirs=others, spec=spec)
 
 
 class PooledKernel:
-    """A waiting sandbox: its init, the zygote's socket and its directories."""
+    """A running kernel waiting in its sandbox: its init, the zygote's socket, its
+    connection info (ipc sockets in its socket dir, a key of its own) and its
+    directories."""
 
     def __init__(self, name: str, target: Target, proc: SandboxProcess, channel: socket.socket,
-                 socket_dir: str, runtime_dir: str, pins: PathPins) -> None:
+                 socket_dir: str, runtime_dir: str, pins: PathPins,
+                 connection_info: dict[str, Any], own_file: str) -> None:
         self.name = name
+        self.connection_info = connection_info
+        self.own_file = own_file  # its connection file, in runtime_dir
         self.target = target
         self.proc = proc
         self.channel = channel
@@ -130,25 +141,33 @@ class PooledKernel:
         self.ready = False
         self.started = time.monotonic()
 
-    def hand_out(self, connection_file: str, cwd: str, env: Mapping[str, str],
-                 cmd: Sequence[str]) -> None:
-        """Show the connection file in the sandbox and send the zygote its request."""
+    async def hand_out(self, connection_file: str, env: Mapping[str, str],
+                       cmd: Sequence[str]) -> None:
+        """Show the kernel's connection file at the requested path in the sandbox,
+        make the running kernel the requested one; OSError when it didn't answer."""
         handed_out = self.runtime_dir[:-len(RUNTIME_SUFFIX)] + HANDED_OUT_SUFFIX
         os.rename(self.runtime_dir, handed_out)
         self.runtime_dir = handed_out
+        own_file = os.path.join(self.runtime_dir, os.path.basename(self.own_file))
         os.chmod(self.runtime_dir, 0o700)
-        copy = os.path.join(self.runtime_dir, os.path.basename(connection_file))
-        with open(connection_file, "rb") as src:
-            data = src.read()
-        fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with open(fd, "wb") as dst:
-            dst.write(data)
-        os.chmod(self.runtime_dir, 0o111)  # as the fresh sandbox's hidden dir: no listing
-        request = json.dumps({"cwd": cwd, "env": dict(env), "args": list(cmd[3:]),
-                              "cmdline": list(cmd), "environ": check_env(dict(env))}).encode()
-        self.channel.setblocking(True)
-        self.channel.sendall(request)
-        self.channel.close()
+        try:
+            os.rename(own_file, os.path.join(self.runtime_dir, os.path.basename(connection_file)))
+        finally:
+            os.chmod(self.runtime_dir, 0o111)  # as the fresh sandbox's hidden dir: no listing
+        request = json.dumps({"cwd": self.target.cwd, "env": dict(env), "args": list(cmd[3:]),
+                              "cmdline": list(cmd), "environ": check_env(dict(env)),
+                              "connection_file": connection_file}).encode()
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.sock_sendall(self.channel, request)
+            self.channel.shutdown(socket.SHUT_WR)
+            answer = await asyncio.wait_for(loop.sock_recv(self.channel, 64), HAND_OUT_WAIT)
+        except asyncio.TimeoutError:
+            raise OSError(f"no answer in {HAND_OUT_WAIT:.0f} s") from None
+        finally:
+            self.channel.close()
+        if answer != HANDED_OUT:
+            raise OSError(f"it answered {answer!r}")
 
     def remove_runtime_dir(self) -> None:
         if os.path.isdir(self.runtime_dir):
@@ -179,9 +198,10 @@ class KernelPool:
     # ---- what the provisioner calls -------------------------------------------------
 
     def take(self) -> PooledKernel | None:
-        """A live waiting kernel (a ready one first), removed from the pool."""
-        for kernel in sorted(self.waiting, key=lambda k: not k.ready):
-            if not self._check_alive(kernel):
+        """A live ready kernel, removed from the pool (one still starting would
+        make the request wait for it: a fresh start is as fast)."""
+        for kernel in list(self.waiting):
+            if not kernel.ready or not self._check_alive(kernel):
                 continue
             self.waiting.remove(kernel)
             self._unwatch(kernel)
@@ -262,11 +282,22 @@ class KernelPool:
         spec = dataclasses.replace(
             spec, readonly_paths=(*spec.readonly_paths, target.connection_dir))
         spec = expose_only(spec, socket_dir)
+        # its connection file, shown at the runtime dir's path inside: ipc sockets
+        # in its socket dir and a key of its own, that no session has seen
+        own_file = os.path.join(runtime_dir, f"kernel-{name}.json")
+        os.chmod(runtime_dir, 0o700)
+        _, written = write_connection_file(
+            own_file, ip=socket_endpoint(socket_dir), key=str(uuid.uuid4()).encode(),
+            transport="ipc", signature_scheme="hmac-sha256", kernel_name=target.kernel_name)
+        os.chmod(runtime_dir, 0o111)
+        info: dict[str, Any] = dict(written)
+        info["key"] = info["key"].encode()  # as KernelManager.get_connection_info has it
+        inside = os.path.join(target.connection_dir, os.path.basename(own_file))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pins = PathPins()
         try:
             argv = [target.python, "-c", ZYGOTE_SOURCE, target.module,
-                    ",".join(IMPORTED_AT_START)]
+                    *(inside if a == CONNECTION_FILE else a for a in target.args)]
             proc = await spawn(spec, argv, env=dict(target.env), cwd=target.cwd,
                                stdin=theirs.fileno(), stdout=PIPE, stderr=PIPE,
                                name=name, path_pins=pins,
@@ -281,7 +312,8 @@ class KernelPool:
         finally:
             theirs.close()
         ours.setblocking(False)
-        return PooledKernel(name, target, proc, ours, socket_dir, runtime_dir, pins)
+        return PooledKernel(name, target, proc, ours, socket_dir, runtime_dir, pins, info,
+                            own_file)
 
     # ---- waiting ---------------------------------------------------------------------
 
@@ -297,7 +329,7 @@ class KernelPool:
 
     def _read_ready(self, kernel: PooledKernel) -> None:
         try:
-            data = kernel.channel.recv(16)
+            data = kernel.channel.recv(4096)
         except BlockingIOError:
             return
         except OSError:
@@ -309,6 +341,13 @@ class KernelPool:
                            self.kernelspec)
             self.size = 0
             self.discard(kernel, "it can't pass for a fresh kernel")
+        elif data.startswith(RAN_STARTUP_CODE):
+            self.log.error("pooled kernels of %s would run startup code (%s) before the "
+                           "session's environment is theirs; no pool for it (remove it, or "
+                           "set pool_size 0)", self.kernelspec,
+                           data[len(RAN_STARTUP_CODE):].decode(errors="replace"))
+            self.size = 0
+            self.discard(kernel, "its init ran startup code")
         elif data:
             kernel.ready = True
             self.log.debug("pooled kernel %s (%s) ready after %.2f s", kernel.name,

@@ -78,7 +78,6 @@ from .spawn import DEVNULL, PIPE, command_env, spawn
 _BASE_ARGUMENTS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 POOL_SIZE = "pool_size"  # a provisioner option, not the sandbox's: pool.py
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
-BIND_WAIT = 2.0  # seconds a pooled kernel's start waits for its sockets at most
 
 
 class NamespaceProvisioner(LocalProvisioner):
@@ -311,9 +310,11 @@ class NamespaceProvisioner(LocalProvisioner):
         if pool is not None and self.parent is not None and self._base_spec is not None:
             target = request_target(self._base_spec, cmd, kwargs.get("env") or {},
                                     str(self.cwd), self.parent.connection_file,
-                                    self._runtime_dirs, all(s is None for s in stdio))
+                                    self._runtime_dirs, all(s is None for s in stdio),
+                                    self.kernelspec_name,
+                                    "curve_publickey" in self.connection_info)
         try:
-            proc = self._from_pool(pool, target, cmd, kwargs.get("env") or {})
+            proc = await self._from_pool(pool, target, cmd, kwargs.get("env") or {})
             if proc is None:
                 ForegroundStarts.begin()
                 try:
@@ -342,8 +343,6 @@ class NamespaceProvisioner(LocalProvisioner):
         if pool is not None:
             # a request no pooled kernel could serve leaves the pool as it is
             pool.want(target or pool.target, self.resolve_pool_size(), self.log)
-        if self.pooled:
-            await self._until_bound()
         return self.connection_info
 
     def _socket_paths(self) -> list[str]:
@@ -354,22 +353,13 @@ class NamespaceProvisioner(LocalProvisioner):
             return []
         return [f"{ip}-{info[key]}" for key in PORT_KEYS if key in info]
 
-    async def _until_bound(self) -> None:
-        """Return once the pooled kernel listens (tens of ms): a client that connects
-        to an ipc socket not yet there retries only after zmq's reconnect interval
-        (100 ms), longer than the kernel needs to get there."""
-        paths = self._socket_paths()
-        deadline = time.monotonic() + BIND_WAIT
-        while not all(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
-            if self.sandbox is None or self.sandbox.poll() is not None:
-                return
-            await asyncio.sleep(0.002)
-
-    def _from_pool(self, pool: KernelPool | None, target: Target | None, cmd: list[str],
-                   env: dict[str, str]) -> SandboxProcess | None:
-        """The kernel taken from the pool in pre_launch, made this kernel; None when
-        there is none or it was made for another request (it is then discarded, and
-        this kernel starts the ordinary way, in its socket dir)."""
+    async def _from_pool(self, pool: KernelPool | None, target: Target | None, cmd: list[str],
+                         env: dict[str, str]) -> SandboxProcess | None:
+        """The running kernel taken from the pool in pre_launch, made this kernel (its
+        connection info is this kernel's: jupyter_client adopts what launch_kernel
+        returns and rewrites the connection file with it); None when there is none or
+        it was made for another request (it is then discarded, and this kernel starts
+        the ordinary way, in its socket dir)."""
         pooled, self._pooled = self._pooled, None
         self.pooled = False
         if pooled is None or pool is None:
@@ -382,8 +372,7 @@ class NamespaceProvisioner(LocalProvisioner):
             return None
         assert self.spec is not None and self.parent is not None
         try:
-            pooled.hand_out(self.parent.connection_file, target.cwd,
-                            command_env(self.spec, env), cmd)
+            await pooled.hand_out(self.parent.connection_file, command_env(self.spec, env), cmd)
         except OSError as e:
             pool.discard(pooled, f"the hand-out failed: {e}", keep_socket_dir=True)
             self.log.warning("kernel %s (%s): the pooled kernel could not take the request "
@@ -391,6 +380,7 @@ class NamespaceProvisioner(LocalProvisioner):
                              self.kernelspec_name, e)
             return None
         self.pooled = True
+        self.connection_info = dict(pooled.connection_info)  # type: ignore[assignment]
         self.path_pins = pooled.pins
         self.pool_runtime_dir = pooled.runtime_dir
         self.log.info("kernel %s (%s) came from the pool: sandbox %s, pid %d, started "

@@ -1,36 +1,46 @@
-"""The program a pooled kernel's sandbox runs while it waits (pool.py).
+"""The program a pooled kernel's sandbox runs (pool.py): a kernel started ahead.
 
-It runs as `<kernel's python> -c <this file's source> MODULE AHEAD`, in the
-sandbox and with the environment a kernel started now would get, so it needs
-nothing but the standard library: the kernel's Python may not have
-nsprovisioner installed. It imports what `python -m MODULE` would import
-while it starts (AHEAD, comma-separated: ipykernel and its dependencies,
-nearly all of a kernel's start), says
-"ready" on its stdin, a socket, and waits there for the one request it will ever
-get: the kernel's cwd, environment and arguments. It then becomes the kernel
-as `python -m MODULE ARGS` would have run it: sys.path, sys.argv and __main__
-as -m sets them, its stdin /dev/null as a kernel's is, and /proc/self/cmdline
-and /proc/self/environ what the kernel's exec would have left there
-(prctl(PR_SET_MM_MAP), which needs no privilege; a zygote that can't do it
-says so instead of "ready", and the pool gives up: a kernel that shows
-another command line is not handed out). An empty request (the pool shutting it
-down) ends it.
+It runs as `<kernel's python> -c <this file's source> MODULE ARGS`, in the
+sandbox and with the environment a kernel started now would get, ARGS being
+the kernelspec's with the pool's own connection file (key and ipc sockets the
+server made for this kernel alone). It needs nothing but the standard library:
+the kernel's Python may not have nsprovisioner installed. It starts the kernel
+as `python -m MODULE ARGS` would (sys.path, sys.argv and __main__ as -m sets
+them, stdin /dev/null), and a side thread says "ready" on the pool's socket
+(the fd it got as stdin) once the kernel's event loop runs: sockets bound,
+heartbeat up. The thread then waits for the one request it will ever get and
+makes the running kernel the one that request would have started: its
+environment (JPY_SESSION_NAME and what ipykernel derives from it: __session__),
+argv and /proc/self/cmdline and environ (prctl(PR_SET_MM_MAP), which needs no
+privilege; a kernel that can't do it says so instead of "ready", and the pool
+gives up), the app's connection file path; then it acknowledges and ends. An
+empty request (the pool discarding it) ends the kernel.
 
-Nothing here may run code of a notebook's, nor import from the cwd:
-ipykernel_launcher takes the cwd off sys.path while it imports, and so does
-this program.
+Nothing of a notebook's runs before the hand-out. A kernel whose init ran code
+in its user namespace (startup files, exec_lines, PYTHONSTARTUP, extensions)
+would have run it without the session's environment: it says so instead of
+"ready" and the pool gives up on its kernelspec.
 """
 
 from __future__ import annotations
 
 import ctypes
+import datetime
 import json
 import os
+import runpy
 import socket
+import sqlite3
 import sys
+import threading
+import time
+import traceback
+from typing import Any
 
 READY = b"ready"
 CANT_SHOW_AS = b"no-mm-map"
+RAN_STARTUP_CODE = b"startup-code:"
+HANDED_OUT = b"handed-out"
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 
 
@@ -80,15 +90,6 @@ def show_as(argv: list[str], environ: list[str]) -> bool:
     return done == 0
 
 
-def warm_parser() -> None:
-    """ipykernel's first tens of ms go to argparse compiling its patterns (re's
-    cache): parse a command line of a kernel's shape into a throwaway app, which
-    leaves nothing but those caches behind."""
-    kernelapp = sys.modules.get("ipykernel.kernelapp")
-    if kernelapp is not None:
-        kernelapp.IPKernelApp().parse_command_line(["-f", "kernel.json"])
-
-
 def proc_strings(name: str) -> list[str]:
     with open(f"/proc/self/{name}", "rb") as f:
         return [s.decode("utf-8", "surrogateescape") for s in f.read().split(b"\0")[:-1]]
@@ -101,33 +102,49 @@ def receive(channel: socket.socket) -> bytes:
     return b"".join(chunks)
 
 
-def main() -> None:
-    module, ahead = sys.argv[1], sys.argv[2].split(",")
-    # -c put '' first; ipykernel_launcher removes the cwd while it imports
-    del sys.path[0]
-    before = dict(os.environ)
-    for name in ahead:
-        try:
-            __import__(name)
-        except ImportError:
-            pass  # not installed here: the kernel won't import it either
-    __import__("runpy")
-    warm_parser()
-    channel = socket.socket(fileno=os.dup(0))
-    # the same strings again: whether this kernel lets us change them at all
-    able = show_as(proc_strings("cmdline"), proc_strings("environ"))
-    channel.sendall(READY if able else CANT_SHOW_AS)
-    data = receive(channel)
-    channel.close()
-    devnull = os.open(os.devnull, os.O_RDWR)
-    os.dup2(devnull, 0)
-    os.close(devnull)
-    if not data:
-        sys.exit(0)
-    request = json.loads(data)
-    os.chdir(request["cwd"])
-    # what the imports did to the environment (debugpy sets a variable) they
-    # would have done to the kernel's, which differs only by its session
+def startup_code(app: Any) -> str | None:
+    """What the app would have run in the user namespace while it initialized,
+    with this process's environment instead of the session's: a kernel that ran
+    any is not handed out (the pool gives up on its kernelspec)."""
+    for name in ("exec_lines", "exec_files", "code_to_run", "file_to_run", "module_to_run",
+                 "extensions"):
+        if getattr(app, name, None):
+            return f"IPKernelApp.{name}"
+    startup_dir = getattr(getattr(app, "profile_dir", None), "startup_dir", None)
+    if startup_dir and os.path.isdir(startup_dir) and any(
+            n.endswith((".py", ".ipy")) for n in os.listdir(startup_dir)):
+        return f"startup files in {startup_dir}"
+    if getattr(app, "exec_PYTHONSTARTUP", False) and os.environ.get("PYTHONSTARTUP"):
+        return "PYTHONSTARTUP"
+    return None
+
+
+def running_app() -> Any:
+    """The kernel's IPKernelApp once its event loop runs (a callback ran on it)."""
+    while True:
+        # (polled: the main thread may be importing the module right now)
+        cls = getattr(sys.modules.get("ipykernel.kernelapp"), "IPKernelApp", None)
+        app = cls.instance() if cls is not None and cls.initialized() else None
+        loop = getattr(app, "io_loop", None)
+        if loop is not None:
+            break
+        time.sleep(0.005)
+    started = threading.Event()
+    loop.add_callback(started.set)  # tornado: safe from another thread
+    started.wait()
+    return app
+
+
+def replace(items: list[str], old: str, new: str) -> list[str]:
+    return [new if item == old else item for item in items]
+
+
+def hand_out(app: Any, request: dict[str, Any], before: dict[str, str], own_file: str) -> None:
+    """Make the running kernel the one the request would have started: what it
+    read at start from its environment, argv and connection file's path."""
+    os.chdir(request["cwd"])  # the same directory: the pool was made for it
+    # what the kernel's imports and init did to the environment (MPLBACKEND,
+    # debugpy's variable) they would have done to the requested one
     changed = {k: v for k, v in os.environ.items() if before.get(k) != v}
     removed = set(before) - set(os.environ)
     os.environ.clear()
@@ -135,11 +152,71 @@ def main() -> None:
     os.environ.update(changed)
     for name in removed:
         os.environ.pop(name, None)
+    connection_file = request["connection_file"]
     show_as(request["cmdline"], request["environ"])
     sys.orig_argv = list(request["cmdline"])
-    sys.path.insert(0, os.getcwd())  # as `python -m` has it
-    sys.argv = ["-m", *request["args"]]
-    sys.modules["runpy"].run_module(module, run_name="__main__", alter_sys=True)
+    sys.argv[1:] = request["args"]
+    app.connection_file = connection_file
+    app.argv = replace(list(app.argv), own_file, connection_file)
+    app.extra_args = replace(list(app.extra_args), own_file, connection_file)
+    for config in (app.config, getattr(app, "cli_config", {})):
+        section = config.get("IPKernelApp", {}) if "IPKernelApp" in config else {}
+        if section.get("connection_file") == own_file:
+            section["connection_file"] = connection_file
+    session = os.environ.get("JPY_SESSION_NAME")
+    shell = getattr(app.kernel, "shell", None)
+    if session and shell is not None:  # ipkernel.py sets it at init
+        shell.user_ns["__session__"] = session
+    history: Any = getattr(shell, "history_manager", None)
+    db = getattr(history, "db", None)
+    if isinstance(db, sqlite3.Connection) and getattr(history, "session_number", None):
+        try:  # the IPython session starts now, as a fresh kernel's would
+            with db:
+                db.execute("UPDATE sessions SET start=? WHERE session=?",
+                           (datetime.datetime.now().isoformat(" "), history.session_number))
+        except sqlite3.Error:
+            pass  # history off or locked: only its start time differs
+
+
+def serve(channel: socket.socket, before: dict[str, str], own_file: str) -> None:
+    """The side thread: "ready" once the kernel runs, then the one request."""
+    try:
+        app = running_app()
+        why = startup_code(app)
+        if why is not None:
+            channel.sendall(RAN_STARTUP_CODE + why.encode())
+            os._exit(0)
+        channel.sendall(READY)
+        data = receive(channel)
+        if not data:
+            os._exit(0)  # the pool discards this kernel
+        hand_out(app, json.loads(data), before, own_file)
+        channel.sendall(HANDED_OUT)
+    except BaseException:  # noqa: BLE001 - a kernel half-handed-out must not live on
+        traceback.print_exc(file=sys.__stderr__)
+        os._exit(1)
+    finally:
+        channel.close()
+
+
+def main() -> None:
+    module, args = sys.argv[1], sys.argv[2:]
+    own_file = args[args.index("-f") + 1] if "-f" in args else ""
+    channel = socket.socket(fileno=os.dup(0))
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)  # a kernel's stdin
+    os.close(devnull)
+    # the same strings again: whether this kernel lets us change them at all
+    if not show_as(proc_strings("cmdline"), proc_strings("environ")):
+        channel.sendall(CANT_SHOW_AS)
+        sys.exit(0)
+    before = dict(os.environ)
+    threading.Thread(target=serve, args=(channel, before, own_file), daemon=True,
+                     name="nsprovisioner-pool").start()
+    # as `python -m MODULE ARGS` has it: -c put '' first, -m puts the cwd
+    sys.path[0] = os.getcwd()
+    sys.argv = ["-m", *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":
