@@ -194,6 +194,8 @@ class KernelPool:
         self._stopping: set[asyncio.Task[None]] = set()
         self.handed_out = 0
         self.died = 0
+        # what its kernels can't pass as fresh ones for: no pool for these
+        self.unservable: list[Target] = []  # (a Target holds dicts: not hashable)
 
     # ---- what the provisioner calls -------------------------------------------------
 
@@ -212,7 +214,7 @@ class KernelPool:
     def want(self, target: Target | None, size: int, log: logging.Logger | Any) -> None:
         """Keep `size` kernels for `target` (None: none), refilled in the background."""
         self.log = log
-        self.size = size
+        self.size = 0 if target in self.unservable else size
         if target != self.target:
             self.target = target
             for kernel in list(self.waiting):
@@ -339,19 +341,23 @@ class KernelPool:
             self.log.error("pooled kernels of %s would show the waiting program's command "
                            "line in /proc (prctl PR_SET_MM_MAP refused); no pool for it",
                            self.kernelspec)
-            self.size = 0
-            self.discard(kernel, "it can't pass for a fresh kernel")
+            self._give_up(kernel, "it can't pass for a fresh kernel")
         elif data.startswith(RAN_STARTUP_CODE):
             self.log.error("pooled kernels of %s would run startup code (%s) before the "
                            "session's environment is theirs; no pool for it (remove it, or "
                            "set pool_size 0)", self.kernelspec,
                            data[len(RAN_STARTUP_CODE):].decode(errors="replace"))
-            self.size = 0
-            self.discard(kernel, "its init ran startup code")
+            self._give_up(kernel, "its init ran startup code")
         elif data:
             kernel.ready = True
             self.log.debug("pooled kernel %s (%s) ready after %.2f s", kernel.name,
                            self.kernelspec, time.monotonic() - kernel.started)
+
+    def _give_up(self, kernel: PooledKernel, why: str) -> None:
+        self.unservable.append(kernel.target)
+        self.size = 0
+        for other in list(self.waiting):
+            self.discard(other, why)
 
     def _check_alive(self, kernel: PooledKernel) -> bool:
         """Whether a waiting kernel lives; a dead one is logged, discarded and replaced.

@@ -146,8 +146,17 @@ def test_a_pooled_kernel_is_a_fresh_one(kernels: Path, no_leaks: None) -> None:
             fresh_km, fresh_kc = await start(kernels, "/nb.ipynb")
             assert not fresh_km.provisioner.pooled  # the first start makes the pool
             await filled(2)
+            keys = {k.connection_info["key"]: k.connection_info for k in the_pool().waiting}
             pooled_km, pooled_kc = await start(kernels, "/nb.ipynb")
             assert pooled_km.provisioner.pooled
+            # the client talks to the running kernel with its key and sockets, which
+            # the server made for it alone; the host's connection file holds them
+            adopted = keys[pooled_km.session.key]
+            on_host = json.loads(Path(pooled_km.connection_file).read_text())
+            assert {k: on_host[k] for k in adopted if k != "key"} == {
+                k: v for k, v in adopted.items() if k != "key"}
+            assert on_host["key"].encode() == adopted["key"] != fresh_km.session.key
+            assert adopted["ip"].startswith(pooled_km.provisioner.socket_dir)
             fresh, pooled = await probe(fresh_kc), await probe(pooled_kc)
             for km, seen in ((fresh_km, fresh), (pooled_km, pooled)):
                 assert seen.pop("connection_file") == Path(km.connection_file).read_text()
@@ -222,6 +231,35 @@ def test_a_request_the_pool_was_not_made_for_starts_fresh(kernels: Path,
             assert km.provisioner.pooled
             assert (await probe(kc))["hostname"] == "changed"
             await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+
+
+def test_a_kernelspec_whose_kernel_runs_startup_code_is_not_pooled(
+        tmp_path: Path, no_leaks: None, caplog: pytest.LogCaptureFixture) -> None:
+    """A pooled kernel runs its init before the session's environment is its own:
+    one that would run code in its user namespace then is never handed out."""
+    kernels = tmp_path / "kernels"
+    write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1},
+                     argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                           "--IPKernelApp.exec_lines=import os; at_start = os.environ.get("
+                           "'JPY_SESSION_NAME')"])
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "work").mkdir()
+
+    async def main() -> None:
+        try:
+            for session in ("/a.ipynb", "/b.ipynb"):
+                km, kc = await start(kernels, session)
+                assert not km.provisioner.pooled
+                assert await execute_ok(kc, "print(at_start)") == session + "\n"
+                await stop(km, kc)
+                deadline = time.monotonic() + 60 * SLOWDOWN
+                while the_pool().size and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            assert the_pool().size == 0 and not the_pool().waiting
+            assert "would run startup code (IPKernelApp.exec_lines)" in caplog.text
         finally:
             await finish()
     run(main())
