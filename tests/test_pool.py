@@ -31,7 +31,7 @@ from nsprovisioner.ipcdir import sockets_parent
 from nsprovisioner.pool import close_pools, waiting_on_host
 
 from .conftest import SLOWDOWN, execute_ok, run
-from .test_provisioner import READY_TIMEOUT, manager, write_kernelspec
+from .test_provisioner import READY_TIMEOUT, manager, until_restarted, write_kernelspec
 from .test_server import TOKEN, request
 
 pytestmark = pytest.mark.timeout(180 * SLOWDOWN)
@@ -243,8 +243,8 @@ def test_a_kernelspec_whose_kernel_runs_startup_code_is_not_pooled(
     kernels = tmp_path / "kernels"
     write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1},
                      argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
-                           "--IPKernelApp.exec_lines=import os; at_start = os.environ.get("
-                           "'JPY_SESSION_NAME')"])
+                           ("--IPKernelApp.exec_lines=import os; at_start = os.environ.get("
+                            "'JPY_SESSION_NAME')")])
     (tmp_path / "runtime").mkdir()
     (tmp_path / "work").mkdir()
 
@@ -319,6 +319,7 @@ def test_the_restarter_restarts_a_pooled_kernel_killed_from_outside(kernels: Pat
             old = km.provisioner.sandbox
             os.kill(old.pid, signal.SIGKILL)
             await asyncio.wait_for(restarted.wait(), 20)
+            await until_restarted(km, old)
             await kc.wait_for_ready(timeout=READY_TIMEOUT)
             assert km.provisioner.sandbox.pid != old.pid
             assert (await execute_ok(kc, "print('back')")).strip() == "back"
