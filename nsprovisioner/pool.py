@@ -1,23 +1,27 @@
 """Warm sandboxes: kernels started ahead of their requests, each handed out once.
 
-Nearly all of a kernel's start is its interpreter importing ipykernel. A pool
-keeps `pool_size` sandboxes per (kernelspec, sandbox config) in which that
-import is done: each runs zygote.py, which waits for the kernel's cwd,
-environment and argv and then becomes `python -m ipykernel_launcher ...`.
+Nearly all of a kernel's start is its interpreter importing and initialising
+ipykernel. A pool keeps `pool_size` RUNNING kernels per (kernelspec, sandbox
+config), each in its own sandbox, started by zygote.py with a connection file
+of the pool's own (ipc sockets in its socket dir, a key the server made for
+it alone). At hand-out a side thread in the kernel takes the request's
+environment, argv and connection file path (zygote.py), and launch_kernel()
+returns the pooled kernel's connection info, which jupyter_client adopts: it
+rewrites the requested connection file with it.
 
-A pooled sandbox is made for one Target: the interpreter and module, the
-cwd (its `{cwd}` bind), the environment but for JPY_SESSION_NAME (what the
-interpreter may read while it starts), the runtime dirs it hides. A request
-with another target is started the ordinary way and the pool is refilled for
-it; a kernel is never handed out for a request it was not made for.
+A pooled kernel is made for one Target: the interpreter, module and
+arguments, the cwd (its `{cwd}` bind), the environment but for
+JPY_SESSION_NAME, the runtime dirs it hides. A request with another target is
+started the ordinary way and the pool is refilled for it; a kernel is never
+handed out for a request it was not made for.
 
-The connection file does not exist when the sandbox is made, and the runtime
-dir that will hold it is hidden. So a pooled sandbox gets, at the runtime
-dir's path, a read-only bind of a directory of its own beside its socket dir
-(unlistable, as the hidden dir is); at hand-out the server copies the
-connection file in, and it shows at its own path, read-only, as in a fresh
-sandbox. A pooled kernel has seen no session, no connection file, no
-notebook's code: it has only imported modules.
+The runtime dir that holds connection files is hidden in a sandbox. So a
+pooled sandbox gets, at the runtime dir's path, a read-only bind of a
+directory of its own beside its socket dir (unlistable, as the hidden dir is)
+holding the pool's connection file; at hand-out the server renames it to the
+requested file's name, and it shows at that path, read-only, as in a fresh
+sandbox. A pooled kernel has seen no session, no notebook's code: a kernel
+whose init would run code in its user namespace says so and is not pooled.
 
 Pools live in the server process, on its event loop thread (the sandboxes'
 PR_SET_PDEATHSIG is tied to the thread that cloned them: they die with the
