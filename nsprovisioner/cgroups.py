@@ -31,6 +31,7 @@ from .cgroupfs import (
 )
 from .errors import SandboxError
 from .sandbox_cgroup import CgroupDir, SandboxCgroup
+from .slurm import job_id, slurm_fix
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -127,6 +128,8 @@ def write_limits(host: CgroupHost, path: str, version: int, limits: dict[str, fl
 def fix_for(kind: str, controller: str, path: str) -> str:
     """What a user does about an unenforceable limit of `kind`."""
     uid = os.geteuid()
+    if kind in ("writable", "delegate", "busy") and job_id() is not None:
+        return slurm_fix(controller, path)  # the cgroups are Slurm's, not systemd's
     if kind == "absent":
         return (f"use a kernel with the {controller} controller (enabled in the cgroup2 "
                 "root's cgroup.subtree_control, or mounted as a cgroup v1 hierarchy)")
@@ -290,8 +293,10 @@ class _Builder:
     def cant_make(self, h: Hierarchy, e: OSError, path: str, parent: str,
                   controllers: set[str] | frozenset[str]) -> None:
         failed = e.filename if isinstance(e.filename, str) else path
+        limited = sorted(controllers & self.limits.keys())
         self.unenforced(controllers, failed, f"the cgroup {failed} can't be created",
-                        fix_for("writable", "", parent), e.errno or 0)
+                        fix_for("writable", limited[0] if limited else "", parent),
+                        e.errno or 0)
         log.debug("no %s cgroup for the sandbox: %s", h.label, e)
 
     def make_parents(self, h: Hierarchy, parent: str) -> None:

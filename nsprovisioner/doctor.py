@@ -18,7 +18,7 @@ import pwd
 import re
 import shutil
 import stat
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .cgroupfs import CgroupHost
@@ -29,6 +29,7 @@ from .idmap import subordinate_ranges
 from .initexe import INIT_PATH
 from .pool import waiting_on_host
 from .sandbox import SandboxSpec
+from .slurm import job_cgroup, job_id, slurm_fix
 
 SYSCTLS = (
     "user.max_user_namespaces",
@@ -56,7 +57,9 @@ class CgroupFacts:
     v2_controllers: list[str] = field(default_factory=list)
     v2_own_dir: str | None = None
     v2_writable: bool = False
+    v2_readonly: bool = False   # mounted read-only (containers' default)
     v1: dict[str, bool] = field(default_factory=dict)  # controller -> own dir writable
+    v1_own_dirs: dict[str, str] = field(default_factory=dict)  # controller -> own dir
 
 
 @dataclass
@@ -82,6 +85,7 @@ class HostFacts:
     libseccomp_error: str | None = None
     init_present: bool = True
     container: str | None = None
+    slurm_job: str | None = None        # SLURM_JOB_ID: the server runs in a Slurm job
     pasta: str | None = None            # network = "egress"'s stack, its path
     pasta_version: str | None = None
     egress_error: str | None = None     # None: an egress sandbox started
@@ -158,14 +162,23 @@ def _container() -> str | None:
     return None
 
 
+def one_line(e: BaseException) -> str:
+    """An error on its check's line: the report keeps one line per check and puts
+    the check's own fix on the next ("fix: ...")."""
+    return str(e).replace("\n", ". ")
+
+
 async def _try_spawn(spec: SandboxSpec) -> tuple[str | None, str | None]:
     """(error, failed step) of starting /bin/true in `spec`; (None, None) when it ran."""
     from .spawn import DEVNULL, spawn
+    # no writable path: the probe must not depend on the caller's working
+    # directory (run from /, "{cwd}" would be the root, which no path may be)
+    spec = replace(spec, readwrite_paths=())
     try:
-        proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL)
+        proc = await spawn(spec, ["/bin/true"], stdout=DEVNULL, stderr=DEVNULL, cwd="/")
         code = await proc.wait()
     except SandboxError as e:
-        return str(e), e.step
+        return one_line(e), e.step
     return (None, None) if code == 0 else (f"/bin/true exited with {code}", "exec")
 
 
@@ -193,10 +206,16 @@ def _cgroup_facts() -> CgroupFacts:
         own = host.v2.directory(host.v2.own_path) if host.v2.own_path else None
         facts.v2_own_dir = own
         facts.v2_writable = bool(own and os.access(own, os.W_OK))
+        try:
+            facts.v2_readonly = bool(os.statvfs(host.v2.mount).f_flag & os.ST_RDONLY)
+        except OSError:
+            pass
     for h in host.v1:
         own = h.directory(h.own_path) if h.own_path else None
         for controller in h.controllers:
             facts.v1[controller] = bool(own and os.access(own, os.W_OK))
+            if own:
+                facts.v1_own_dirs[controller] = own
     return facts
 
 
@@ -234,8 +253,9 @@ def gather_facts() -> HostFacts:
         from .seccomp import build_filter
         build_filter("default", True)
     except (SandboxError, OSError) as e:
-        facts.libseccomp_error = str(e)
+        facts.libseccomp_error = one_line(e)
     facts.container = _container()
+    facts.slurm_job = job_id()
     facts.pasta, facts.pasta_version = pasta_path(), pasta_version()
     _gpu_facts(facts)
     facts.pooled_kernels = waiting_on_host()
@@ -257,6 +277,13 @@ def _userns_fix(facts: HostFacts) -> str:
     if s.get("kernel.apparmor_restrict_unprivileged_userns") == "1" and facts.euid != 0:
         return ("sysctl -w kernel.apparmor_restrict_unprivileged_userns=0, or give the Jupyter "
                 "server's Python an AppArmor profile with the `userns,` rule (Ubuntu 24.04+)")
+    if facts.container == "kubernetes":
+        return ("this pod's seccomp (RuntimeDefault blocks unshare and namespace clones without "
+                "CAP_SYS_ADMIN) or AppArmor profile refuses user namespaces: set the notebook "
+                "container's securityContext.seccompProfile to a Localhost profile allowing "
+                "unshare, clone, clone3, setns, mount, umount2, pivot_root, mount_setattr, "
+                "open_tree, move_mount (or Unconfined) and appArmorProfile Unconfined "
+                "(docs/scale-out.md)")
     if facts.container:
         return (f"this runs in a {facts.container} container whose seccomp profile likely blocks "
                 "unshare/clone: run it with a profile that allows them (Docker: --security-opt "
@@ -297,12 +324,24 @@ def check_kernel(f: HostFacts) -> list[Check]:
     return checks
 
 
+def _start_fix(f: HostFacts) -> str:
+    error = f.userns_error or ""
+    if f.failed_step == "mount" and "proc" in error and \
+            ("EPERM" in error or "Permission denied" in error):
+        # the kernel mounts a new procfs only where no part of the old one is covered
+        where = ("Kubernetes: securityContext.procMount: Unmasked, which needs hostUsers: "
+                 "false (docs/scale-out.md)" if f.container == "kubernetes" else
+                 "Docker/Podman: --security-opt systempaths=unconfined; Kubernetes: "
+                 "securityContext.procMount: Unmasked")
+        return f"/proc is masked (parts of it covered by the container runtime): {where}"
+    return "the message names the cause; see docs/troubleshooting.md for the step"
+
+
 def check_namespaces(f: HostFacts) -> list[Check]:
     if f.userns_error and f.failed_step not in USERNS_STEPS:
         # the user namespace worked; a later step of the first sandbox did not
         return [Check("sandbox start", "FAIL", f"failed at {f.failed_step}: {f.userns_error}",
-                      "the message names the cause; see docs/troubleshooting.md for the step",
-                      blocks_kernel=True)]
+                      _start_fix(f), blocks_kernel=True)]
     if f.userns_error:
         return [Check("user namespaces", "FAIL", f"could not create one: {f.userns_error}",
                       _userns_fix(f), blocks_kernel=True)]
@@ -370,6 +409,18 @@ def check_cgroups(f: HostFacts) -> list[Check]:
     missing = [x for x in (on_v2 or on_v1) if x not in delegated]
     if f.euid == 0 and not missing:
         checks.append(Check("cgroup delegation", "PASS", "root may create cgroups"))
+    elif missing and c.v2_readonly and on_v2:
+        checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)}: {c.v2_mount} is "
+                            "mounted read-only (as container runtimes do): kernels with limits "
+                            "fail (strict) or start without them", "rely on the container's or "
+                            "pod's own limits (Kubernetes resources.limits) and leave memory_limit,"
+                            " pids_limit, cpu_limit unset; per-kernel limits need a writable "
+                            "cgroup delegated to the server's user (docs/scale-out.md)"))
+    elif missing and f.slurm_job:
+        checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)} not writable in "
+                            f"Slurm job {f.slurm_job}: kernels with these limits fail (strict) or "
+                            "start without them", "the cgroups are Slurm's: see the `Slurm job` "
+                            "line"))
     elif missing:
         where = c.v2_own_dir if on_v2 else "your cgroup in each v1 hierarchy"
         checks.append(Check("cgroup delegation", "WARN", f"{', '.join(missing)} not delegated to "
@@ -381,6 +432,33 @@ def check_cgroups(f: HostFacts) -> list[Check]:
     else:
         checks.append(Check("cgroup delegation", "PASS", f"{', '.join(delegated)} writable"))
     return checks
+
+
+def check_slurm(f: HostFacts) -> list[Check]:
+    """Inside a Slurm job: whether kernel cgroups (cgroup_parent = "auto") nest in the job's."""
+    if f.slurm_job is None:
+        return []
+    c = f.cgroup
+    nested, missing = [], []
+    for controller in ("memory", "pids", "cpu"):
+        if controller in c.v2_controllers:
+            own, writable = c.v2_own_dir, c.v2_writable
+        elif controller in c.v1:
+            own, writable = c.v1_own_dirs.get(controller), c.v1[controller]
+        else:
+            continue
+        if job_cgroup(own) is not None and writable:
+            nested.append(f"{controller} in {own}")
+        else:
+            missing.append((controller, own or "(not visible)"))
+    if not missing:
+        return [Check("Slurm job", "PASS", f"job {f.slurm_job}: kernel cgroups nest in the "
+                      f"job's: {'; '.join(nested) or 'no controller mounted'}")]
+    names = ", ".join(controller for controller, _ in missing)
+    controller, own = missing[0]
+    return [Check("Slurm job", "WARN", f"job {f.slurm_job}: {names} limits of kernels can't "
+                  f"nest in the job's cgroup ({', '.join(own for _, own in missing)}); "
+                  f"nested: {'; '.join(nested) or 'none'}", slurm_fix(controller, own, f.slurm_job))]
 
 
 def check_rest(f: HostFacts) -> list[Check]:
@@ -400,7 +478,7 @@ def check_rest(f: HostFacts) -> list[Check]:
                         f"inside a {f.container} container" if f.container else "not in a container",
                         "the container needs unshare/clone/mount allowed by its seccomp and "
                         "AppArmor profiles, an unmasked /proc, and delegated cgroups "
-                        "(docs/jupyterhub.md)" if f.container else ""))
+                        "(docs/scale-out.md)" if f.container else ""))
     return checks
 
 
@@ -439,7 +517,7 @@ def check_gpus(f: HostFacts) -> list[Check]:
 
 def diagnose(facts: HostFacts) -> list[Check]:
     return (check_kernel(facts) + check_namespaces(facts) + check_id_helpers(facts)
-            + check_cgroups(facts) + check_rest(facts) + check_gpus(facts))
+            + check_cgroups(facts) + check_slurm(facts) + check_rest(facts) + check_gpus(facts))
 
 
 def can_run_kernel(checks: list[Check]) -> bool:

@@ -48,8 +48,9 @@ class SandboxError(RuntimeError):
             text += f" (step {step})"
         if errno:
             text += f": {os.strerror(errno)} ({errno_codes.errorcode.get(errno, errno)})"
-        if hint:
-            text += f". {hint[0].upper()}{hint[1:]}"
+        self.cause = text
+        if hint:  # on its own line: a long cause (a cgroup path) must not hide the fix
+            text += f"\n{hint[0].upper()}{hint[1:]}"
         super().__init__(text)
 
     @classmethod
@@ -128,6 +129,12 @@ def diagnose(step: str, err: int, detail: str) -> str | None:
                 "symlinks so that a mask can't be redirected: name the real path")
     if step == "mount" and err == errno_codes.ENOSYS:
         return "read-only mounts need mount_setattr (Linux 5.12 or newer)"
+    if step == "mount" and err == errno_codes.EPERM and "cgroup" in detail:
+        return (
+            "a cgroupfs can't be mounted in the sandbox's cgroup namespace here (an LSM or a "
+            "container forbids it), so /sys/fs/cgroup can't show the sandbox's limits; remove "
+            "\"cgroup\" from namespaces to start with /sys/fs/cgroup empty instead"
+        )
     if step == "mount" and err == errno_codes.EPERM and "proc" in detail:
         return (
             "a fresh /proc can't be mounted: /proc is partly covered on this host (common in "

@@ -24,7 +24,8 @@ from ._nsexec import lib
 from .devices import DeviceBind, plan_devices
 from .egress import RESOLV_CONF
 from .errors import SandboxError
-from .protect import interpreter_prefix, protected_paths
+from .interpreter import bind_interpreter
+from .protect import protected_paths
 
 if TYPE_CHECKING:
     from .sandbox import SandboxSpec
@@ -401,9 +402,7 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
     sources = dict(sources or {})
     user_paths = resolve_paths(spec, cwd, pins)
     added = add_protection(spec, user_paths, argv0)
-    interpreter = _hidden_interpreter(spec, argv0)
-    if interpreter is not None and interpreter not in user_paths:
-        user_paths[interpreter] = "readonly"
+    bind_interpreter(spec, argv0, user_paths)
     devices = plan_devices(spec, lambda path: _sandbox_can_write(spec, path, user_paths))
     p = _Planner()
     p.ops += _fixed_ops(_Planner._staging)
@@ -446,17 +445,6 @@ def _plan_resolv_conf(p: _Planner) -> None:
         return  # no file to cover, and /etc is read-only: no DNS inside
     p.mount_point(target, False)
     p.bind(target, OLDROOT + RESOLV_CONF, MOUNT_ATTR_RDONLY, os.stat(RESOLV_CONF))
-
-
-def _hidden_interpreter(spec: SandboxSpec, argv0: str | None) -> str | None:
-    """The installation of a command that the private /tmp or /var/tmp would hide
-    (a venv made there by a CI system or a tool), to be bound back read-only."""
-    prefix = interpreter_prefix(argv0) if argv0 else None
-    if prefix is None or not spec.private_tmp or not os.path.isdir(prefix):
-        return None
-    real = os.path.realpath(prefix)
-    hidden = [t for t in ("/tmp", "/var/tmp") if real != t and _within(real, t)]
-    return real if hidden else None
 
 
 def _sandbox_can_write(spec: SandboxSpec, path: str, paths: dict[str, str]) -> bool:

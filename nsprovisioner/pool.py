@@ -54,6 +54,7 @@ from .cgroupfs import process_start_time
 from .errors import SandboxError
 from .ipcdir import SERVER_DIR_RE, expose_only, make_socket_dir, remove_socket_dir, sockets_parent
 from .ipcdir import endpoint as socket_endpoint
+from .jupyter_log import warnings_of_launch
 from .kernelsandbox import hide_runtime_dirs
 from .mounts import PathPins
 from .process import SandboxProcess
@@ -136,6 +137,7 @@ class PooledKernel:
         self.name = name
         self.connection_info = connection_info
         self.own_file = own_file  # its connection file, in runtime_dir
+        self.warnings: list[str] = []  # what its sandbox's start left out (strict = false)
         self.target = target
         self.proc = proc
         self.channel = channel
@@ -304,11 +306,12 @@ class KernelPool:
         try:
             argv = [target.python, "-c", ZYGOTE_SOURCE, target.module,
                     *(inside if a == CONNECTION_FILE else a for a in target.args)]
-            proc = await spawn(spec, argv, env=dict(target.env), cwd=target.cwd,
-                               stdin=theirs.fileno(), stdout=PIPE, stderr=PIPE,
-                               name=name, path_pins=pins,
-                               network_before_exec=False,
-                               bind_sources={target.connection_dir: runtime_dir})
+            with warnings_of_launch() as left_out:
+                proc = await spawn(spec, argv, env=dict(target.env), cwd=target.cwd,
+                                   stdin=theirs.fileno(), stdout=PIPE, stderr=PIPE,
+                                   name=name, path_pins=pins,
+                                   network_before_exec=False,
+                                   bind_sources={target.connection_dir: runtime_dir})
         except BaseException:
             ours.close()
             os.chmod(runtime_dir, 0o700)
@@ -318,8 +321,10 @@ class KernelPool:
         finally:
             theirs.close()
         ours.setblocking(False)
-        return PooledKernel(name, target, proc, ours, socket_dir, runtime_dir, pins, info,
-                            own_file)
+        kernel = PooledKernel(name, target, proc, ours, socket_dir, runtime_dir, pins, info,
+                              own_file)
+        kernel.warnings = list(left_out)
+        return kernel
 
     # ---- waiting ---------------------------------------------------------------------
 

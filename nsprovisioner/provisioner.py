@@ -37,6 +37,8 @@ from .ipcdir import (
     remove_socket_dir,
     sweep_dead_servers,
 )
+from .jupyter_log import mark_logged, route_library_log, warnings_of_launch
+from .kernel_events import DEGRADED, KILLED, START_FAILED, events
 from .kernel_launcher import kernel_argv
 from .kernelsandbox import (
     CONFIG_KEYS,
@@ -178,6 +180,7 @@ class NamespaceProvisioner(LocalProvisioner):
         self.pool_runtime_dir: str | None = None  # its connection file's directory
         self._pool: KernelPool | None = None  # the pool of this start
         self._pooled: PooledKernel | None = None  # the kernel taken from it
+        self._pooled_warnings: list[str] = []  # what its sandbox's start left out
         self._base_spec: SandboxSpec | None = None
         self._runtime_dirs: list[str] = []
 
@@ -214,9 +217,14 @@ class NamespaceProvisioner(LocalProvisioner):
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """LocalProvisioner's pre_launch (connection file, ports, command), then the sandbox."""
+        route_library_log(self.log)
         # Options first: a bad one must fail before a connection file exists.
-        spec, self.env_allowed = self.resolve_options()
-        pool_size = self.resolve_pool_size()
+        try:
+            spec, self.env_allowed = self.resolve_options()
+            pool_size = self.resolve_pool_size()
+        except SandboxError as e:
+            self._record_start_failure(e)
+            raise
         self._sweep_once(spec.cgroup_parent)
         km = self.parent
         self._base_spec, self._pool = spec, None
@@ -315,14 +323,16 @@ class NamespaceProvisioner(LocalProvisioner):
                                     "curve_publickey" in self.connection_info)
         try:
             proc = await self._from_pool(pool, target, cmd, kwargs.get("env") or {})
+            left_out = list(self._pooled_warnings)  # what its start left out
             if proc is None:
                 ForegroundStarts.begin()
                 try:
-                    proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
-                                       stdin=DEVNULL, stdout=stdout, stderr=stderr,
-                                       name=self.kernel_id, path_pins=self.path_pins,
-                                       # a kernel runs notebook code only once launched
-                                       network_before_exec=False)
+                    with warnings_of_launch() as left_out:
+                        proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
+                                           stdin=DEVNULL, stdout=stdout, stderr=stderr,
+                                           name=self.kernel_id, path_pins=self.path_pins,
+                                           # a kernel runs notebook code only once launched
+                                           network_before_exec=False)
                 except BaseException:
                     ForegroundStarts.end()
                     raise
@@ -331,9 +341,10 @@ class NamespaceProvisioner(LocalProvisioner):
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
             if isinstance(e, SandboxError):
-                self.log.error("kernel %s (%s) could not start in its sandbox: %s",
-                               self.kernel_id, self.kernelspec_name, e)
+                self._record_start_failure(e)
             raise
+        for warning in left_out:
+            events.record(self.kernel_id, self.kernelspec_name, DEGRADED, warning)
         proc.add_exit_callback(self._report_exit)
         self.sandbox = proc
         self.sandbox_pid = proc.pid
@@ -362,6 +373,7 @@ class NamespaceProvisioner(LocalProvisioner):
         the ordinary way, in its socket dir)."""
         pooled, self._pooled = self._pooled, None
         self.pooled = False
+        self._pooled_warnings = []
         if pooled is None or pool is None:
             return None
         if target is None or pooled.target != target:
@@ -380,6 +392,7 @@ class NamespaceProvisioner(LocalProvisioner):
                              self.kernelspec_name, e)
             return None
         self.pooled = True
+        self._pooled_warnings = pooled.warnings
         self.connection_info = dict(pooled.connection_info)  # type: ignore[assignment]
         self.path_pins = pooled.pins
         self.pool_runtime_dir = pooled.runtime_dir
@@ -412,6 +425,15 @@ class NamespaceProvisioner(LocalProvisioner):
             km.cleanup_ipc_files()
         await self.cleanup(restart=False)
 
+    def _record_start_failure(self, e: SandboxError) -> None:
+        """Logged here, once: the server's own records of it, each with a full traceback,
+        are dropped (jupyter_log.py); JupyterLab shows it as a notification."""
+        self.log.error("kernel %s (%s) could not start in its sandbox: %s",
+                       self.kernel_id, self.kernelspec_name, e)
+        mark_logged(e)
+        events.record(self.kernel_id, self.kernelspec_name, START_FAILED,
+                      f"{self.kernelspec_name} could not start in its sandbox: {e.cause}", e.hint)
+
     def _report_exit(self, proc: SandboxProcess) -> None:
         """Say so when the kernel died of its memory limit: Jupyter only sees 'dead'."""
         oom_kill_count = getattr(proc.cgroup, "oom_kill_count", None)
@@ -424,8 +446,12 @@ class NamespaceProvisioner(LocalProvisioner):
             return
         if killed > 0:
             limit = self.spec.memory_bytes if self.spec is not None else None
-            self.log.warning("kernel %s was killed: out of memory (limit %s)", self.kernel_id,
-                             f"{limit // 2**20} MiB" if limit else "none set")
+            shown = f"{limit // 2**20} MiB" if limit else "none set"
+            reason = f"killed: out of memory (limit {shown})"
+            self.log.warning("kernel %s was %s", self.kernel_id, reason)
+            events.record(self.kernel_id, self.kernelspec_name, KILLED,
+                          f"{self.kernelspec_name} was {reason}",
+                          "free memory in the notebook, or raise memory_limit")
 
     @property
     def has_process(self) -> bool:
@@ -497,6 +523,11 @@ class NamespaceProvisioner(LocalProvisioner):
         usage = getattr(self.sandbox.cgroup if self.sandbox else None, "usage", None)
         if usage is not None:
             info["cgroup_usage"] = usage()
+        if self.spec is not None:
+            info["sandbox"] = {"network": self.spec.network,
+                               "memory_limit_bytes": self.spec.memory_bytes,
+                               "pids_limit": self.spec.pids_limit,
+                               "cpu_limit": self.spec.cpu_limit}
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:

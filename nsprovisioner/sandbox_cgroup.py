@@ -30,6 +30,8 @@ REMOVE_TIMEOUT = 10.0  # SIGKILLed processes exit in ms; this only bounds a stuc
 FREEZE_TIMEOUT = 2.0
 # Accounting files only cgroup v1 has (v2: memory.events, memory.current, cpu.stat)
 V1_ONLY_FILES = frozenset({"memory.oom_control", "memory.usage_in_bytes", "cpuacct.usage"})
+# usage() files of "key value" lines: the key it reads
+KEYED_COUNTERS = {"cpu.stat": "usage_usec", "pids.events": "max"}
 
 
 # Removal waits for killed processes to exit, so it runs off the event loop;
@@ -141,7 +143,8 @@ class SandboxCgroup:
         return 0
 
     def usage(self) -> dict[str, float]:
-        """memory_bytes, pids and cpu_seconds, each where the host counts it."""
+        """memory_bytes, pids, cpu_seconds and pids_limit_hits (the forks and clones the
+        pids limit refused), each where the host counts it."""
         if self.removed:
             return dict(self._final_usage)
         return self._read_usage(count_pids=True)
@@ -152,7 +155,8 @@ class SandboxCgroup:
                    ("memory_bytes", "memory", "memory.usage_in_bytes", 1.0),
                    ("pids", "pids", "pids.current", 1.0),
                    ("cpu_seconds", "cpu", "cpu.stat", 1e-6),
-                   ("cpu_seconds", "cpuacct", "cpuacct.usage", 1e-9))
+                   ("cpu_seconds", "cpuacct", "cpuacct.usage", 1e-9),
+                   ("pids_limit_hits", "pids", "pids.events", 1.0))
         for key, controller, probe, scale in sources:
             if key in found:
                 continue
@@ -162,8 +166,8 @@ class SandboxCgroup:
                 continue
             if text is None:
                 continue
-            if probe == "cpu.stat":
-                value = parse_keyed(text).get("usage_usec")
+            if probe in KEYED_COUNTERS:
+                value = parse_keyed(text).get(KEYED_COUNTERS[probe])
                 if value is not None:
                     found[key] = value * scale
             elif text.strip().isdigit():

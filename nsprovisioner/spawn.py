@@ -20,6 +20,7 @@ from typing import IO, Any
 
 from ._nsexec import ffi, lib
 from .cgroup_layout import sandbox_dir_name
+from .cgroup_view import with_cgroup_view
 from .cgroups import SandboxCgroup, create_cgroup
 from .egress import Egress, egress_counters
 from .errors import STEP_VALUES, SandboxError
@@ -214,7 +215,8 @@ async def spawn(
         await removal_of(sandbox_dir_name(name))
     cgroup = create_cgroup(spec, name)
     try:
-        return await _clone_and_handshake(spec, args, envp, workdir, mounts,
+        return await _clone_and_handshake(spec, args, envp, workdir,
+                                          with_cgroup_view(mounts, spec, cgroup),
                                           seccomp_filter, cgroup, fault,
                                           FAULT_KINDS[_fault_kind], deny_setgroups,
                                           (stdin, stdout, stderr), pass_fds,

@@ -12,6 +12,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 # CI builds the C code with -Werror; users' builds only warn.
 CFLAGS="${CFLAGS:-} -Werror" bash "$REPO/scripts/setup-host.sh"
+# tests/test_slurm.py: Debian's Slurm and munge, batchspawner (daemons started by the test)
+bash "$REPO/scripts/slurm-deps.sh"
 # The JupyterHub end-to-end test needs configurable-http-proxy, from npm.
 if ! command -v configurable-http-proxy >/dev/null; then
     if ! command -v npm >/dev/null; then
@@ -43,8 +45,11 @@ chmod -R a+rX "$WORK"
 echo "== static checks"
 (cd "$REPO" && "$VENV/bin/ruff" check nsprovisioner tests benchmarks && "$VENV/bin/mypy" --strict nsprovisioner)
 
-echo "== tests as root"
+echo "== the wheel: sdist, manylinux wheel, installed without a compiler, a kernel from it"
 status=0
+bash "$REPO/scripts/wheel-test.sh" || status=1
+
+echo "== tests as root"
 (cd "$WORK" && NSPROV_REQUIRE_CGROUPS=1 "$VENV/bin/python" -m pytest tests -q \
     -p no:cacheprovider) || status=1
 

@@ -39,12 +39,15 @@ for t in memory_bomb_is_oom_killed_and_counted usage_reports_memory_pids_and_cpu
 done
 CGROUP_TESTS+=(
     tests/test_kernel_limits.py
+    tests/test_cgroup_view.py
+    tests/test_install_check.py::test_strict_install_refuses_a_limit_this_user_cant_have
     tests/test_hostile_crash.py::test_next_run_removes_a_killed_runs_cgroups
     "tests/test_provisioner.py::test_provisioner_info_round_trip[namespace]"
     tests/test_doctor.py::test_doctor_on_this_host
 )
 UNDELEGATED_TESTS=(
     tests/test_cgroups.py::test_undelegated_user_gets_the_fix_and_starts_without_limits
+    tests/test_install_check.py::test_strict_install_refuses_a_limit_this_user_cant_have
     tests/test_doctor.py::test_doctor_on_this_host
 )
 

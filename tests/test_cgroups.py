@@ -246,10 +246,11 @@ FORK_BOMB = """
 def test_fork_bomb_stops_at_pids_limit_and_sandbox_stays_usable(
         no_leaks: None, no_cgroup_left: None) -> None:
     _need(CANT_LIMIT)
-    status, out, _, _ = python_in(SandboxSpec(pids_limit=16), FORK_BOMB)
+    status, out, usage, _ = python_in(SandboxSpec(pids_limit=16), FORK_BOMB)
     forked, stopped, usable = out.split()
     assert status == 0, out
     assert stopped == "EAGAIN"
+    assert usage["pids_limit_hits"] >= 1, usage  # what JupyterLab's status item reports
     assert int(forked) == 16 - 2, "the init and python count too"
     assert usable == "usable"
 

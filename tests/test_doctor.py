@@ -176,3 +176,89 @@ def test_missing_pasta_warns_with_the_fix_and_blocks_nothing() -> None:
     egress = by_name(checks, "egress network")
     assert egress.status == "WARN" and "apt-get install passt" in egress.fix
     assert can_run_kernel(checks)
+
+
+# ---- a simulated Kubernetes pod (docs/scale-out.md ties each requirement to these lines) ----
+
+def pod(**changes: object) -> HostFacts:
+    """A notebook pod of zero-to-jupyterhub: cgroup v2 private to the container, root-owned."""
+    return healthy_host(container="kubernetes", newuidmap=HelperFacts(), newgidmap=HelperFacts(),
+                        subuid=[], subgid=[], **changes)
+
+
+def test_pod_with_a_masked_proc_names_procmount_unmasked() -> None:
+    checks = diagnose(pod(userns_error="sandbox grandchild failed at mount (mount proc on "
+                          "/proc): Operation not permitted (EPERM)", failed_step="mount"))
+    check = by_name(checks, "sandbox start")
+    assert check.status == "FAIL" and "procMount: Unmasked" in check.fix
+    assert "hostUsers: false" in check.fix
+    assert not can_run_kernel(checks)
+
+
+def test_pod_whose_seccomp_blocks_unshare_names_the_profile() -> None:
+    checks = diagnose(pod(userns_error="unshare_user: Operation not permitted (EPERM)",
+                          failed_step="unshare_user"))
+    check = by_name(checks, "user namespaces")
+    assert check.status == "FAIL"
+    assert "seccompProfile" in check.fix and "Localhost" in check.fix and "unshare" in check.fix
+    assert "appArmorProfile" in check.fix
+    assert not can_run_kernel(checks)
+
+
+def test_pod_with_a_read_only_cgroupfs_warns_and_names_the_pods_limits() -> None:
+    cg = CgroupFacts(v2_mount="/sys/fs/cgroup", v2_controllers=["cpu", "memory", "pids"],
+                     v2_own_dir="/sys/fs/cgroup", v2_writable=False, v2_readonly=True)
+    checks = diagnose(pod(cgroup=cg))
+    check = by_name(checks, "cgroup delegation")
+    assert check.status == "WARN" and "read-only" in check.detail
+    assert "resources.limits" in check.fix and "Delegate=yes" not in check.fix
+    assert by_name(checks, "container").status == "WARN"
+    assert can_run_kernel(checks)  # kernels without limits still start
+
+
+def test_healthy_pod_runs_kernels() -> None:
+    """What docs/scale-out.md's values give: only the WARNs that block nothing."""
+    checks = diagnose(pod())
+    assert can_run_kernel(checks)
+    assert {c.name for c in checks if c.status != "PASS"} <= {
+        "container", "newuidmap", "newgidmap", "/etc/subuid", "/etc/subgid"}
+
+
+# ---- inside a Slurm job ----------------------------------------------------------------
+
+SLURM_V1 = "/sys/fs/cgroup/{c}/slurm_n1/uid_1000/job_42/step_0"
+
+
+def test_slurm_job_with_task_cgroup_nests_memory_and_names_what_cant() -> None:
+    cg = CgroupFacts(v2_mount="/sys/fs/cgroup/unified",
+                     v1={"memory": True, "pids": False, "cpu": False},
+                     v1_own_dirs={"memory": SLURM_V1.format(c="memory") + "/task_0",
+                                  "pids": "/sys/fs/cgroup/pids", "cpu": "/sys/fs/cgroup/cpu"})
+    checks = diagnose(healthy_host(cgroup=cg, slurm_job="42"))
+    check = by_name(checks, "Slurm job")
+    assert check.status == "WARN"
+    delegation = by_name(checks, "cgroup delegation")  # not systemd's fix inside a job
+    assert "Slurm job" in delegation.fix and "Delegate=yes" not in delegation.fix
+    assert "memory in /sys/fs/cgroup/memory/slurm_n1/uid_1000/job_42/step_0/task_0" in check.detail
+    assert "pids, cpu" in check.detail
+    assert "Slurm job 42" in check.fix and "no job cgroup" in check.fix
+
+
+def test_slurm_job_without_a_memory_cgroup_names_constrainramspace() -> None:
+    cg = CgroupFacts(v1={"memory": False}, v1_own_dirs={"memory": "/sys/fs/cgroup/memory"})
+    check = by_name(diagnose(healthy_host(cgroup=cg, slurm_job="7")), "Slurm job")
+    assert check.status == "WARN"
+    assert "ConstrainRAMSpace=yes" in check.fix and "TaskPlugin=task/cgroup" in check.fix
+
+
+def test_slurm_job_on_v2_not_delegated_names_the_job_cgroup() -> None:
+    own = "/sys/fs/cgroup/system.slice/slurmstepd.scope/job_9/step_0/user/task_0"
+    cg = CgroupFacts(v2_mount="/sys/fs/cgroup", v2_controllers=["cpu", "memory", "pids"],
+                     v2_own_dir=own, v2_writable=False)
+    check = by_name(diagnose(healthy_host(cgroup=cg, slurm_job="9")), "Slurm job")
+    assert check.status == "WARN" and own in check.detail
+    assert "not writable" in check.fix and "cgroup/v1" in check.fix
+
+
+def test_no_slurm_line_outside_a_job() -> None:
+    assert not [c for c in diagnose(healthy_host()) if c.name == "Slurm job"]

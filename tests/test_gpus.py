@@ -150,7 +150,7 @@ def test_a_missing_driver_node_fails_naming_it(gpu_nodes: Path, no_leaks: None,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     root = gpu_nodes / "no-uvm"
     monkeypatch.setenv(DEVICE_ROOT_ENV, str(root))
-    with pytest.raises(SandboxError, match=f"{root}/nvidia-uvm.*nvidia-modprobe"):
+    with pytest.raises(SandboxError, match=f"(?s){root}/nvidia-uvm.*nvidia-modprobe"):
         probe(SandboxSpec(gpus="all"), LIST_DEV)
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from xml.etree import ElementTree
 
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
@@ -50,13 +51,53 @@ def test_install_copies_the_source_and_adds_the_provisioner(jupyter_dirs: Path) 
     assert kernel_argv(spec["argv"]) == [sys.executable, "-m", "ipykernel_launcher", "-f",
                                          "{connection_file}"]
     assert spec["env"] == {"FOO": "bar"} and spec["interrupt_mode"] == "message"
-    assert spec["display_name"] == "Source (sandboxed)"
+    assert spec["display_name"] == "Source, sandboxed: memory 1G, pids 100, +1 option"
     assert spec["metadata"]["debugger"] is True
     assert spec["metadata"]["kernel_provisioner"] == {
         "provisioner_name": "namespace-provisioner",
         "config": {"memory_limit": "1G", "pids_limit": 100, "readonly_paths": ["/usr"]}}
     logo = jupyter_dirs / "data" / "kernels" / "src-sandboxed" / "logo-64x64.png"
     assert logo.read_bytes() == b"\x89PNG not really"
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "share" / "jupyter" / "kernels" / \
+    "python3-sandboxed"
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+
+
+def test_the_shipped_kernelspec_has_its_logos() -> None:
+    assert png_size(SHIPPED / "logo-32x32.png") == (32, 32)
+    assert png_size(SHIPPED / "logo-64x64.png") == (64, 64)
+    svg = ElementTree.parse(SHIPPED / "logo-svg.svg").getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg" and svg.get("viewBox") == "0 0 64 64"
+    shipped = json.loads((SHIPPED / "kernel.json").read_text())
+    assert shipped["display_name"] == "Python 3 (sandboxed)"
+
+
+def test_a_source_without_logos_gets_the_sandboxs(jupyter_dirs: Path) -> None:
+    (jupyter_dirs / "path" / "kernels" / "src" / "logo-64x64.png").unlink()
+    assert cli_main(["install", "--from", "src", "--name", "plain"]) == 0
+    target = jupyter_dirs / "data" / "kernels" / "plain"
+    for logo in ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg"):
+        assert (target / logo).read_bytes() == (SHIPPED / logo).read_bytes(), logo
+
+
+def test_display_names_cant_be_confused(jupyter_dirs: Path) -> None:
+    """No option sets it apart: its name does; a title another kernel shows: likewise."""
+    assert cli_main(["install", "--from", "src", "--name", "first"]) == 0
+    assert installed(jupyter_dirs / "data", "first")["display_name"] == \
+        "Source, sandboxed [first]"
+    assert cli_main(["install", "--from", "src", "--name", "a", "--config", "network=none"]) == 0
+    assert cli_main(["install", "--from", "src", "--name", "b", "--config", "network=none"]) == 0
+    assert installed(jupyter_dirs / "data", "a")["display_name"] == \
+        "Source, sandboxed: network none"
+    assert installed(jupyter_dirs / "data", "b")["display_name"] == \
+        "Source, sandboxed: network none [b]"
 
 
 def test_install_to_a_prefix_with_a_display_name(jupyter_dirs: Path) -> None:

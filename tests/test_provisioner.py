@@ -136,7 +136,8 @@ async def until_restarted(km: AsyncKernelManager, old: Any) -> None:
     the new kernel's process exists, the manager has none alive, and a client's
     wait_for_ready() fails with "Kernel died before replying to kernel_info"."""
     deadline = time.monotonic() + READY_TIMEOUT
-    while kernel_process(km) in (None, old) or not await km.is_alive():
+    while (km.provisioner is None or kernel_process(km) in (None, old)
+           or not await km.is_alive()):
         assert time.monotonic() < deadline, "the restarter did not start a new kernel"
         await asyncio.sleep(0.05)
 
@@ -348,9 +349,12 @@ def test_provisioner_info_round_trip(kernels: Path, provisioner: str, no_leaks: 
             await fresh.load_provisioner_info(info)
             assert fresh.kernel_id == km.kernel_id
             assert fresh.connection_info == km.provisioner.connection_info
-            # a live sandbox adds its cgroup's usage; the rest round-trips
+            # a live sandbox adds its cgroup's usage and its settings; the rest round-trips
             usage = info.pop("cgroup_usage", {})
             assert isinstance(usage, dict)
+            sandbox = info.pop("sandbox", None)
+            if isinstance(km.provisioner, NamespaceProvisioner):
+                assert sandbox is not None and sandbox["network"] == km.provisioner.spec.network
             assert info == await fresh.get_provisioner_info()
     run(main())
 

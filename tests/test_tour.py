@@ -11,6 +11,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from nsprovisioner.sandbox import DEFAULT_NPROC_LIMIT
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -38,3 +40,8 @@ def test_tour_shows_the_sandbox_from_inside(tmp_path: Path) -> None:
     assert summary["root_writable"] is False and summary["cwd_writable"] is True
     assert summary["secrets_seen"] == []
     assert summary["hostname"] == "sandbox"
+    # the kernel's own cgroup at /sys/fs/cgroup: a root server's kernels get a pids limit
+    # by default (cgroups.default_pids), which the tour reads from inside
+    if os.geteuid() == 0 and os.environ.get("NSPROV_REQUIRE_CGROUPS") == "1":
+        assert summary["limits"]["pids.max"] == str(DEFAULT_NPROC_LIMIT), summary["limits"]
+        assert summary["limits"]["memory.max"] == "max"
