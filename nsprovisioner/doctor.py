@@ -27,6 +27,7 @@ from .egress import PASTA_FIX, pasta_path, pasta_version
 from .errors import SandboxError
 from .idmap import subordinate_ranges
 from .initexe import INIT_PATH
+from .pool import waiting_on_host
 from .sandbox import SandboxSpec
 from .slurm import job_cgroup, job_id, slurm_fix
 
@@ -91,6 +92,7 @@ class HostFacts:
     gpus: str = ""                                  # HostGpus.describe()
     gpu_nodes: list[str] = field(default_factory=list)
     gpu_missing: list[str] = field(default_factory=list)  # what `gpus = "all"` lacks
+    pooled_kernels: dict[int, int] = field(default_factory=dict)  # server pid -> waiting
 
 
 @dataclass
@@ -256,6 +258,7 @@ def gather_facts() -> HostFacts:
     facts.slurm_job = job_id()
     facts.pasta, facts.pasta_version = pasta_path(), pasta_version()
     _gpu_facts(facts)
+    facts.pooled_kernels = waiting_on_host()
     if facts.init_present and facts.pidfd:
         asyncio.run(_probe_namespaces(facts))
     else:
@@ -470,12 +473,23 @@ def check_rest(f: HostFacts) -> list[Check]:
     else:
         checks.append(Check("libseccomp", "PASS", "default seccomp filter built"))
     checks.append(check_egress(f))
+    checks.append(check_pools(f))
     checks.append(Check("container", "WARN" if f.container else "PASS",
                         f"inside a {f.container} container" if f.container else "not in a container",
                         "the container needs unshare/clone/mount allowed by its seccomp and "
                         "AppArmor profiles, an unmasked /proc, and delegated cgroups "
                         "(docs/scale-out.md)" if f.container else ""))
     return checks
+
+
+def check_pools(f: HostFacts) -> Check:
+    """Warm kernels (pool_size) hold memory while they wait: say how many there are."""
+    if not f.pooled_kernels:
+        return Check("warm kernels", "PASS", "none waiting (pool_size is 0, or no server "
+                     "of yours keeps a pool)")
+    servers = ", ".join(f"{n} in server {pid}" for pid, n in sorted(f.pooled_kernels.items()))
+    return Check("warm kernels", "PASS", f"{sum(f.pooled_kernels.values())} waiting "
+                 f"({servers}); each holds a started kernel's memory")
 
 
 def check_egress(f: HostFacts) -> Check:

@@ -105,6 +105,21 @@ def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
                                readwrite_paths=[*spec.readwrite_paths, directory])
 
 
+def remove_tree(path: str) -> None:
+    """shutil.rmtree, also through directories of ours that can't be listed (a pooled
+    kernel's runtime dir is mode 0111, pool.py); other errors are ignored."""
+    def retry(func: object, failed: str, exc_info: object) -> None:
+        # rmtree couldn't open or list it (or, so, remove it): make it ours to list
+        if os.path.isdir(failed) and not os.path.islink(failed) and failed != path:
+            try:
+                os.chmod(failed, 0o700)
+            except OSError:
+                return
+            shutil.rmtree(failed, ignore_errors=True)
+
+    shutil.rmtree(path, onerror=retry)
+
+
 def remove_socket_dir(directory: str) -> None:
     """The kernel's directory, its record, and the server's directory once empty."""
     shutil.rmtree(directory, ignore_errors=True)
@@ -165,6 +180,6 @@ def sweep_dead_servers(runtime_dir: str) -> list[str]:
                     continue
                 if _remove_connection_file(recorded, runtime):
                     removed.append(recorded)
-        shutil.rmtree(directory, ignore_errors=True)
+        remove_tree(directory)
         removed.append(directory)
     return removed

@@ -24,9 +24,9 @@ from .errors import SandboxError
 from .protect import sandbox_state_env, state_paths
 from .sandbox import SandboxSpec
 
-# Every option but env_keep is a SandboxSpec field of the same name.
+# Every option but env_keep and pool_size (pool.py) is a SandboxSpec field of the same name.
 SPEC_KEYS = tuple(f.name for f in fields(SandboxSpec) if f.init)
-CONFIG_KEYS = (*SPEC_KEYS, "env_keep")
+CONFIG_KEYS = (*SPEC_KEYS, "env_keep", "pool_size")
 
 # What a kernel needs to behave like one started from a login shell, and
 # nothing that authenticates anyone: tokens, agent sockets and cloud

@@ -32,6 +32,7 @@ from .errors import SandboxError
 from .install_check import problems_for
 from .kernel_launcher import PROVISIONER_NAME, wrap_argv
 from .kernelsandbox import CONFIG_KEYS, check_env_keep, check_keys, merge_spec
+from .pool import check_pool_size
 from .provisioner import NamespaceProvisioner
 from .sandbox import SandboxSpec
 
@@ -91,6 +92,8 @@ def parse_options(items: list[str]) -> tuple[dict[str, Any], SandboxSpec]:
     check_keys(options, where)
     if "env_keep" in options:
         check_env_keep(options["env_keep"], where)
+    if "pool_size" in options:
+        check_pool_size(options["pool_size"], where)
     defaults = NamespaceProvisioner()
     configured = {key: getattr(defaults, key) for key in CONFIG_KEYS}
     return options, merge_spec(configured, options, "Jupyter config", where)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -266,15 +266,17 @@ class _Planner:
                                 source_ino=identity.st_ino if identity else 0))
         self.binds.add(path)
 
-    def user_path(self, path: str, kind: str, visible_below: bool, ours: bool = False) -> None:
+    def user_path(self, path: str, kind: str, visible_below: bool, ours: bool = False,
+                  source: str | None = None) -> None:
         """`ours`: protection or state the sandbox gets by default, which an identity that
         can't reach the path (e.g. uid 0 inside mapped to a subordinate uid, and home
-        0700) neither needs nor can use."""
-        st = os.stat(path)
+        0700) neither needs nor can use. `source`: the host path bound there instead of
+        `path` itself."""
+        st = os.stat(source or path)
         is_dir = os.path.isdir(path)
         self.mount_point(path, is_dir)
         if kind != "hidden":
-            self.bind(path, OLDROOT + path,
+            self.bind(path, OLDROOT + (source or path),
                       MOUNT_ATTR_RDONLY if kind in ("readonly", "protected") else 0, st,
                       lib.NSX_MNT_REACHABLE if ours else 0)
         elif not is_dir:
@@ -388,12 +390,16 @@ def _fixed_ops(part: Callable[[_Planner], None]) -> tuple[MountOp, ...]:
 
 
 def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
-                pins: PathPins | None = None) -> list[MountOp]:
+                pins: PathPins | None = None,
+                sources: Mapping[str, str] | None = None) -> list[MountOp]:
     """The mount table of a sandbox; raises SandboxError for a bad path.
 
     `argv0` (the command's resolved path) adds its installation to what is
     protected; `pins` holds what each path resolved to at a kernel's first start.
+    `sources`: read-only paths (real paths) that show another host directory of
+    the same kind (a pooled kernel's runtime dir, pool.py).
     """
+    sources = dict(sources or {})
     user_paths = resolve_paths(spec, cwd, pins)
     added = add_protection(spec, user_paths, argv0)
     bind_interpreter(spec, argv0, user_paths)
@@ -421,7 +427,9 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
         visible_below = kind == "hidden" and any(
             other.startswith(path + "/") and other_kind != "hidden"
             for other, other_kind in user_paths.items())
-        p.user_path(path, kind, visible_below, ours=path in added)
+        if path in sources and kind != "readonly":
+            raise SandboxError(f"{path} is both {kind} and the mount point of {sources[path]}")
+        p.user_path(path, kind, visible_below, ours=path in added, source=sources.get(path))
 
     if spec.network == "egress":
         _plan_resolv_conf(p)

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
+import time
 from typing import Any, ClassVar
 
 from jupyter_client.connect import KernelConnectionInfo
@@ -49,6 +51,17 @@ from .kernelsandbox import (
     visible_in_sandbox,
 )
 from .mounts import PathPins
+from .pool import (
+    ForegroundStarts,
+    KernelPool,
+    PooledKernel,
+    Target,
+    check_pool_size,
+    pool_for,
+    request_target,
+    retire_pools,
+    waiting_in_this_process,
+)
 from .process import SandboxProcess
 from .relay import OutputRelay
 from .sandbox import (
@@ -60,11 +73,13 @@ from .sandbox import (
     DEFAULT_USER_COUNTERS,
     SandboxSpec,
 )
-from .spawn import DEVNULL, PIPE, spawn
+from .spawn import DEVNULL, PIPE, command_env, spawn
 
 # The arguments jupyter_client's KernelProvisionerFactory passes besides the
 # kernelspec's options.
 _BASE_ARGUMENTS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
+POOL_SIZE = "pool_size"  # a provisioner option, not the sandbox's: pool.py
+PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
 
 
 class NamespaceProvisioner(LocalProvisioner):
@@ -137,6 +152,10 @@ class NamespaceProvisioner(LocalProvisioner):
     seccomp = Unicode("default", config=True, help="'default' seccomp filter or 'off'")
     strict = Bool(True, config=True,
                   help="fail (True) or warn (False) when the host can't enforce a setting")
+    pool_size = Int(0, config=True,
+                    help="kernels kept started ahead per kernelspec and config, each handed "
+                    "out once (a start in milliseconds; each holds its memory while it "
+                    "waits); 0: none")
     cgroup_parent = Unicode("auto", config=True,
                             help="'auto' or the absolute cgroup path under which each "
                             "kernel's cgroup is made")
@@ -157,6 +176,13 @@ class NamespaceProvisioner(LocalProvisioner):
         self.relay: OutputRelay | None = None
         self._background: set[asyncio.Future[None]] = set()
         self.env_allowed: tuple[str, ...] = tuple(self.env_keep)
+        self.pooled = False  # whether the kernel running now came from the pool
+        self.pool_runtime_dir: str | None = None  # its connection file's directory
+        self._pool: KernelPool | None = None  # the pool of this start
+        self._pooled: PooledKernel | None = None  # the kernel taken from it
+        self._pooled_warnings: list[str] = []  # what its sandbox's start left out
+        self._base_spec: SandboxSpec | None = None
+        self._runtime_dirs: list[str] = []
 
     @property
     def kernelspec_name(self) -> str:
@@ -183,24 +209,47 @@ class NamespaceProvisioner(LocalProvisioner):
         spec = merge_spec(configured, self.kernelspec_options, config_where, kernelspec_where)
         return spec, keep
 
+    def resolve_pool_size(self) -> int:
+        config_where, kernelspec_where = self._where()
+        if POOL_SIZE in self.kernelspec_options:
+            return check_pool_size(self.kernelspec_options[POOL_SIZE], kernelspec_where)
+        return check_pool_size(self.pool_size, config_where)
+
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         """LocalProvisioner's pre_launch (connection file, ports, command), then the sandbox."""
         route_library_log(self.log)
         # Options first: a bad one must fail before a connection file exists.
         try:
             spec, self.env_allowed = self.resolve_options()
+            pool_size = self.resolve_pool_size()
         except SandboxError as e:
             self._record_start_failure(e)
             raise
         self._sweep_once(spec.cgroup_parent)
         km = self.parent
+        self._base_spec, self._pool = spec, None
+        if self.socket_dir is None and km is not None:  # a first start, not a restart
+            if pool_size > 0:
+                self._pool = pool_for(self.kernelspec_name, spec, self.log)
+                self._pooled = self._pool.take()
+                if self._pooled is not None:
+                    self.socket_dir = self._pooled.socket_dir
+            else:
+                retire_pools(self.kernelspec_name, self.log)
         if km is not None:
             self._use_ipc_transport(km)
         self.spec = spec  # _finalize_env, called by super().pre_launch, reads it
-        kwargs = await super().pre_launch(**kwargs)
+        try:
+            kwargs = await super().pre_launch(**kwargs)
+        except BaseException:
+            if self._pooled is not None and self._pool is not None:
+                self._pool.discard(self._pooled, "its request failed before the launch")
+                self._pooled = self.socket_dir = None
+            raise
         if km is not None and km.connection_file:
-            runtime_dirs = {jupyter_runtime_dir(), os.path.dirname(km.connection_file)}
-            spec = hide_runtime_dirs(spec, sorted(runtime_dirs), km.connection_file)
+            self._runtime_dirs = sorted({jupyter_runtime_dir(),
+                                         os.path.dirname(km.connection_file)})
+            spec = hide_runtime_dirs(spec, self._runtime_dirs, km.connection_file)
             if self.socket_dir is not None:
                 record_connection_file(self.socket_dir, km.connection_file)
         if self.socket_dir is not None:
@@ -264,13 +313,30 @@ class NamespaceProvisioner(LocalProvisioner):
         stdio = [kwargs.get(name) for name in ("stdout", "stderr")]
         stdout, stderr = (s if s in (PIPE, DEVNULL) else PIPE for s in stdio)
         cmd = kernel_argv(cmd)  # we are the sandbox the kernelspec's launcher prefix asks for
+        pool, self._pool = self._pool, None
+        target = None
+        if pool is not None and self.parent is not None and self._base_spec is not None:
+            target = request_target(self._base_spec, cmd, kwargs.get("env") or {},
+                                    str(self.cwd), self.parent.connection_file,
+                                    self._runtime_dirs, all(s is None for s in stdio),
+                                    self.kernelspec_name,
+                                    "curve_publickey" in self.connection_info)
         try:
-            with warnings_of_launch() as left_out:
-                proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
-                                   stdin=DEVNULL, stdout=stdout, stderr=stderr,
-                                   name=self.kernel_id, path_pins=self.path_pins,
-                                   # a kernel runs notebook code only once launched
-                                   network_before_exec=False)
+            proc = await self._from_pool(pool, target, cmd, kwargs.get("env") or {})
+            left_out = list(self._pooled_warnings)  # what its start left out
+            if proc is None:
+                ForegroundStarts.begin()
+                try:
+                    with warnings_of_launch() as left_out:
+                        proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
+                                           stdin=DEVNULL, stdout=stdout, stderr=stderr,
+                                           name=self.kernel_id, path_pins=self.path_pins,
+                                           # a kernel runs notebook code only once launched
+                                           network_before_exec=False)
+                except BaseException:
+                    ForegroundStarts.end()
+                    raise
+                ForegroundStarts.until_listening(self._socket_paths(), proc)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
@@ -285,7 +351,55 @@ class NamespaceProvisioner(LocalProvisioner):
         relayed = {name: getattr(proc, name) for name, asked in
                    (("stdout", stdio[0]), ("stderr", stdio[1])) if asked not in (PIPE, DEVNULL)}
         self.relay = OutputRelay(self.log, self.kernel_id, relayed) if relayed else None
+        if pool is not None:
+            # a request no pooled kernel could serve leaves the pool as it is
+            pool.want(target or pool.target, self.resolve_pool_size(), self.log)
         return self.connection_info
+
+    def _socket_paths(self) -> list[str]:
+        """The kernel's ipc sockets, once it listens; [] over tcp."""
+        info: dict[str, Any] = dict(self.connection_info)
+        ip = info.get("ip")
+        if info.get("transport") != "ipc" or not isinstance(ip, str):
+            return []
+        return [f"{ip}-{info[key]}" for key in PORT_KEYS if key in info]
+
+    async def _from_pool(self, pool: KernelPool | None, target: Target | None, cmd: list[str],
+                         env: dict[str, str]) -> SandboxProcess | None:
+        """The running kernel taken from the pool in pre_launch, made this kernel (its
+        connection info is this kernel's: jupyter_client adopts what launch_kernel
+        returns and rewrites the connection file with it); None when there is none or
+        it was made for another request (it is then discarded, and this kernel starts
+        the ordinary way, in its socket dir)."""
+        pooled, self._pooled = self._pooled, None
+        self.pooled = False
+        self._pooled_warnings = []
+        if pooled is None or pool is None:
+            return None
+        if target is None or pooled.target != target:
+            pool.discard(pooled, "made for another request", keep_socket_dir=True)
+            self.log.info("kernel %s (%s): the pool's kernels were made for another cwd, "
+                          "environment or command; starting it the ordinary way",
+                          self.kernel_id, self.kernelspec_name)
+            return None
+        assert self.spec is not None and self.parent is not None
+        try:
+            await pooled.hand_out(self.parent.connection_file, command_env(self.spec, env), cmd)
+        except OSError as e:
+            pool.discard(pooled, f"the hand-out failed: {e}", keep_socket_dir=True)
+            self.log.warning("kernel %s (%s): the pooled kernel could not take the request "
+                             "(%s); starting it the ordinary way", self.kernel_id,
+                             self.kernelspec_name, e)
+            return None
+        self.pooled = True
+        self._pooled_warnings = pooled.warnings
+        self.connection_info = dict(pooled.connection_info)  # type: ignore[assignment]
+        self.path_pins = pooled.pins
+        self.pool_runtime_dir = pooled.runtime_dir
+        self.log.info("kernel %s (%s) came from the pool: sandbox %s, pid %d, started "
+                      "%.1f s ago", self.kernel_id, self.kernelspec_name, pooled.name,
+                      pooled.proc.pid, time.monotonic() - pooled.started)
+        return pooled.proc
 
     async def post_launch(self, **kwargs: Any) -> None:
         """When the restarter stops restarting a kernel that keeps dying, jupyter_server
@@ -377,6 +491,11 @@ class NamespaceProvisioner(LocalProvisioner):
 
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
+        if self.pool_runtime_dir is not None:  # the pooled kernel's copy of the connection file
+            if os.path.isdir(self.pool_runtime_dir):
+                os.chmod(self.pool_runtime_dir, 0o700)
+                shutil.rmtree(self.pool_runtime_dir, ignore_errors=True)
+            self.pool_runtime_dir = None
         if self.sandbox is not None and self.sandbox.poll() is not None:
             self._close_output()
         if not restart:
@@ -399,6 +518,8 @@ class NamespaceProvisioner(LocalProvisioner):
         info["pid"] = self.sandbox_pid
         info["pgid"] = None  # the kernel's process group lives in its own pid namespace
         info["kernelspec_options"] = dict(self.kernelspec_options)
+        info["pooled"] = self.pooled
+        info["pool_waiting"] = waiting_in_this_process()
         usage = getattr(self.sandbox.cgroup if self.sandbox else None, "usage", None)
         if usage is not None:
             info["cgroup_usage"] = usage()

@@ -66,6 +66,19 @@ def check_cwd(cwd: str | os.PathLike[str] | None) -> str:
     return path
 
 
+def command_env(spec: SandboxSpec, env: Mapping[str, str] | None) -> dict[str, str]:
+    """The environment the command gets for `env` (None: this process's)."""
+    environ = dict(os.environ if env is None else env)
+    # Home's dot entries are read-only inside (protect.py): tools write their
+    # caches and state into the sandbox's state dir instead, unless the
+    # caller (the provisioner, for one kernelspec) already said where.
+    for key, value in sandbox_state_env(state_paths(spec, "default"), environ).items():
+        if key not in environ or (key == "PYTHONPATH" and SANDBOX_SITE not in
+                                  environ[key].split(os.pathsep)):
+            environ[key] = value
+    return environ
+
+
 USER_COUNTERS_DIR = "/proc/sys/user"
 
 
@@ -156,6 +169,7 @@ async def spawn(
     name: str | None = None,
     path_pins: PathPins | None = None,
     network_before_exec: bool = True,
+    bind_sources: Mapping[str, str] | None = None,
     _fault_step: str | None = None,
     _fault_kind: str = "eio",
 ) -> SandboxProcess:
@@ -169,6 +183,8 @@ async def spawn(
     `network_before_exec` (network "egress"): the command starts once pasta is
     up. False lets it start meanwhile; spawn() still returns only once pasta is
     up (a kernel, whose code arrives after that).
+    `bind_sources`: read-only paths of `spec` that show another host directory
+    (mounts.plan_mounts' `sources`).
     `_fault_step` (tests only) makes the named step fail, in the way
     `_fault_kind` names: "eio", "segv", "abrt", or "memory" (the stage runs
     into its cgroup's memory limit).
@@ -176,14 +192,7 @@ async def spawn(
     if not isinstance(spec, SandboxSpec):
         raise SandboxError(f"spec must be a SandboxSpec, not {type(spec).__name__}")
     args = check_argv(argv)
-    environ = dict(os.environ if env is None else env)
-    # Home's dot entries are read-only inside (protect.py): tools write their
-    # caches and state into the sandbox's state dir instead, unless the
-    # caller (the provisioner, for one kernelspec) already said where.
-    for key, value in sandbox_state_env(state_paths(spec, "default"), environ).items():
-        if key not in environ or (key == "PYTHONPATH" and SANDBOX_SITE not in
-                                  environ[key].split(os.pathsep)):
-            environ[key] = value
+    environ = command_env(spec, env)
     envp = check_env(environ)
     workdir = check_cwd(cwd)
     fault = 0
@@ -200,7 +209,7 @@ async def spawn(
             check_helper_map(list(ranges), kind, own)
 
     mounts = plan_mounts(spec, workdir, argv0=resolve_command(args[0], environ),
-                         pins=path_pins)
+                         pins=path_pins, sources=bind_sources)
     seccomp_filter = build_filter(spec.seccomp, spec.strict)
     if name:  # a restart: the last start's cgroup of this name must be gone
         await removal_of(sandbox_dir_name(name))

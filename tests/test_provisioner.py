@@ -131,6 +131,17 @@ def kernel_process(km: AsyncKernelManager) -> Any:
     return prov.sandbox if isinstance(prov, NamespaceProvisioner) else prov.process
 
 
+async def until_restarted(km: AsyncKernelManager, old: Any) -> None:
+    """The restarter's "restart" callbacks run before it restarts the kernel: until
+    the new kernel's process exists, the manager has none alive, and a client's
+    wait_for_ready() fails with "Kernel died before replying to kernel_info"."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while (km.provisioner is None or kernel_process(km) in (None, old)
+           or not await km.is_alive()):
+        assert time.monotonic() < deadline, "the restarter did not start a new kernel"
+        await asyncio.sleep(0.05)
+
+
 @pytest.mark.parametrize("provisioner", PROVISIONERS)
 def test_kernel_starts_and_runs_code(kernels: Path, provisioner: str, no_leaks: None) -> None:
     async def main() -> None:
@@ -319,13 +330,7 @@ def test_restarter_restarts_a_kernel_killed_from_outside(kernels: Path, provisio
             old = kernel_process(km)
             os.kill(old.pid, signal.SIGKILL)
             await asyncio.wait_for(restarted.wait(), 20)
-            # the restarter fires "restart" before it restarts: until the new
-            # kernel runs, the client would see the old one dead
-            deadline = time.monotonic() + READY_TIMEOUT
-            while not (km.provisioner is not None and kernel_process(km) not in (None, old)
-                       and await km.is_alive()):
-                assert time.monotonic() < deadline, "the restarter started no new kernel"
-                await asyncio.sleep(0.05)
+            await until_restarted(km, old)
             await kc.wait_for_ready(timeout=READY_TIMEOUT)
             assert kernel_process(km).pid != old.pid
             assert (await execute(kc, "print('back')"))[1].strip() == "back"

@@ -1,0 +1,480 @@
+"""Warm sandboxes (pool.py): a pooled kernel is a fresh kernel that started earlier.
+
+Each test compares a pooled kernel with a fresh one of the same kernelspec
+(the first start of a kernelspec with a pool misses it and starts fresh),
+through real ipykernels; the last ones drive a real jupyter_server and kill it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client.ioloop import AsyncIOLoopKernelManager
+from jupyter_client.manager import AsyncKernelManager
+from traitlets.config import Config
+
+from nsprovisioner import pool as pool_module
+from nsprovisioner.cli import main as cli_main
+from nsprovisioner.doctor import HostFacts, check_pools
+from nsprovisioner.ipcdir import sockets_parent
+from nsprovisioner.pool import close_pools, waiting_on_host
+
+from .conftest import SLOWDOWN, execute_ok, run
+from .test_provisioner import READY_TIMEOUT, manager, until_restarted, write_kernelspec
+from .test_server import TOKEN, request
+
+pytestmark = pytest.mark.timeout(180 * SLOWDOWN)
+
+POOLED = "pooled"
+
+# What a notebook can see of its kernel's start: compared between a fresh and
+# a pooled kernel. The connection file's path differs (a kernel id each).
+PROBE = """
+import json, os, sys, time
+time.sleep(1)  # the history thread's first write done
+def fd_kind(fd):
+    try:
+        target = os.readlink('/proc/self/fd/' + fd)
+    except OSError:  # the fd of the listing
+        return 'eventfd'
+    return target if target.startswith(('anon_inode', '/')) else target.split(':')[0]
+cf = sys.argv[sys.argv.index('-f') + 1]
+def err(fn, *a):
+    try:
+        fn(*a)
+        return None
+    except OSError as e:
+        return e.strerror
+status = dict(l.split(':\\t', 1) for l in open('/proc/self/status').read().splitlines())
+print(json.dumps({
+    'cwd': os.getcwd(), 'env': dict(os.environ), 'argv0': sys.argv[0],
+    'cmdline': open('/proc/self/cmdline').read().replace(cf, 'CF'),
+    'environ': open('/proc/self/environ').read(), 'orig_argv': [a if a != cf else 'CF' for a in sys.orig_argv],
+    'argv': [a if a != cf else 'CF' for a in sys.argv[1:]],
+    'connection_file': open(cf).read(), 'cf_write': err(open, cf, 'a'),
+    'runtime_listing': err(os.listdir, os.path.dirname(cf)),
+    'path0': sys.path[0:2], 'modules': sorted(sys.modules),
+    'session': __session__ if '__session__' in globals() else None,
+    # zmq's threads make eventfds as they go: two fresh kernels differ by one at times
+    'fds': sorted(k for k in map(fd_kind, os.listdir('/proc/self/fd')) if 'eventfd' not in k
+                  and '/proc/' not in k),
+    'status': {k: status[k].strip() for k in ('Uid', 'Gid', 'CapEff', 'CapBnd', 'NoNewPrivs',
+                                               'Seccomp')},
+    'hostname': os.uname().nodename, 'pid': os.getpid(),
+}))
+"""
+
+
+@pytest.fixture
+def kernels(tmp_path: Path) -> Path:
+    kernels = tmp_path / "kernels"
+    write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 2})
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "sub").mkdir()
+    return kernels
+
+
+def the_pool(name: str = POOLED) -> pool_module.KernelPool:
+    pools = [p for key, p in pool_module._pools.items() if key[0] == name]
+    assert len(pools) == 1, pools
+    return pools[0]
+
+
+async def filled(count: int, name: str = POOLED) -> list[str]:
+    """Wait until the kernelspec's pool has `count` ready kernels; their names."""
+    deadline = time.monotonic() + 60 * SLOWDOWN
+    while True:
+        waiting = [k for k in the_pool(name).waiting if k.ready]
+        if len(waiting) >= count:
+            return [k.name for k in waiting]
+        assert time.monotonic() < deadline, "the pool was not refilled"
+        await asyncio.sleep(0.1)
+
+
+async def start(kernels: Path, session: str, cwd: str | None = None,
+                cls: type[AsyncKernelManager] = AsyncKernelManager, **kw: Any) -> tuple[Any, Any]:
+    km = manager(kernels, POOLED, cls, **kw)
+    env = {**os.environ, "JPY_SESSION_NAME": session}
+    await km.start_kernel(cwd=cwd or str(kernels.parent / "work"), env=env)
+    kc = km.client()
+    kc.start_channels()
+    RUNNING.append((km, kc))
+    await kc.wait_for_ready(timeout=READY_TIMEOUT)
+    return km, kc
+
+
+RUNNING: list[tuple[Any, Any]] = []  # started by start(), not yet stopped
+
+
+async def finish() -> None:
+    """Whatever a test left running (it failed), then the pools."""
+    while RUNNING:
+        await stop(*RUNNING[-1])
+    await close_pools()
+
+
+async def stop(km: Any, kc: Any) -> None:
+    if (km, kc) in RUNNING:
+        RUNNING.remove((km, kc))
+    kc.stop_channels()
+    if km.has_kernel:
+        await km.shutdown_kernel(now=True)
+    else:
+        await km.cleanup_resources()
+
+
+async def probe(kc: Any) -> dict[str, Any]:
+    result: dict[str, Any] = json.loads(await execute_ok(kc, PROBE))
+    return result
+
+
+def test_a_pooled_kernel_is_a_fresh_one(kernels: Path, no_leaks: None) -> None:
+    async def main() -> None:
+        try:
+            fresh_km, fresh_kc = await start(kernels, "/nb.ipynb")
+            assert not fresh_km.provisioner.pooled  # the first start makes the pool
+            await filled(2)
+            keys = {k.connection_info["key"]: k.connection_info for k in the_pool().waiting}
+            pooled_km, pooled_kc = await start(kernels, "/nb.ipynb")
+            assert pooled_km.provisioner.pooled
+            # the client talks to the running kernel with its key and sockets, which
+            # the server made for it alone; the host's connection file holds them
+            adopted = keys[pooled_km.session.key]
+            on_host = json.loads(Path(pooled_km.connection_file).read_text())
+            assert {k: on_host[k] for k in adopted if k != "key"} == {
+                k: v for k, v in adopted.items() if k != "key"}
+            assert on_host["key"].encode() == adopted["key"] != fresh_km.session.key
+            assert adopted["ip"].startswith(pooled_km.provisioner.socket_dir)
+            fresh, pooled = await probe(fresh_kc), await probe(pooled_kc)
+            for km, seen in ((fresh_km, fresh), (pooled_km, pooled)):
+                assert seen.pop("connection_file") == Path(km.connection_file).read_text()
+                assert seen.pop("pid") == 2  # the init's only child
+            assert fresh["session"] == "/nb.ipynb"
+            assert pooled == fresh
+            info = await pooled_km.provisioner.get_provisioner_info()
+            assert info["pooled"] is True and info["pid"] == pooled_km.provisioner.sandbox.pid
+            assert info["pool_waiting"] >= 1  # refilled since, or not yet
+            await stop(fresh_km, fresh_kc)
+            await stop(pooled_km, pooled_kc)
+        finally:
+            await finish()
+    run(main())
+
+
+def test_no_pooled_kernel_is_served_twice_and_the_pool_refills(kernels: Path,
+                                                               no_leaks: None) -> None:
+    async def main() -> None:
+        started: list[tuple[Any, Any]] = []
+        try:
+            started.append(await start(kernels, "/a.ipynb"))
+            served: list[str] = []
+            for i in range(3):
+                names = await filled(2)
+                km, kc = await start(kernels, f"/{i}.ipynb")
+                started.append((km, kc))
+                assert km.provisioner.pooled
+                taken = [n for n in names if n not in {k.name for k in the_pool().waiting}]
+                assert len(taken) == 1
+                served += taken
+                await execute_ok(kc, "x = 1")
+            assert len(set(served)) == 3
+            pids = {km.provisioner.sandbox.pid for km, _ in started}
+            assert len(pids) == len(started)
+            await filled(2)
+        finally:
+            for km, kc in started:
+                await stop(km, kc)
+            await close_pools()
+    run(main())
+
+
+def test_a_request_the_pool_was_not_made_for_starts_fresh(kernels: Path,
+                                                          no_leaks: None) -> None:
+    async def main() -> None:
+        try:
+            km, kc = await start(kernels, "/a.ipynb")
+            await stop(km, kc)
+            await filled(2)
+            # another cwd: the pooled sandboxes bind the first one
+            sub = str(kernels.parent / "work" / "sub")
+            km, kc = await start(kernels, "/a.ipynb", cwd=sub)
+            assert not km.provisioner.pooled
+            assert (await probe(kc))["cwd"] == sub
+            await stop(km, kc)
+            await filled(2)  # now for the new cwd
+            km, kc = await start(kernels, "/b.ipynb", cwd=sub)
+            assert km.provisioner.pooled
+            await stop(km, kc)
+            # a config change: the kernelspec now asks for another hostname
+            spec_file = kernels / POOLED / "kernel.json"
+            spec = json.loads(spec_file.read_text())
+            spec["metadata"]["kernel_provisioner"]["config"]["hostname"] = "changed"
+            spec_file.write_text(json.dumps(spec))
+            km, kc = await start(kernels, "/c.ipynb", cwd=sub)
+            assert not km.provisioner.pooled
+            assert (await probe(kc))["hostname"] == "changed"
+            await stop(km, kc)
+            await filled(2)
+            km, kc = await start(kernels, "/d.ipynb", cwd=sub)
+            assert km.provisioner.pooled
+            assert (await probe(kc))["hostname"] == "changed"
+            await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+
+
+def test_a_kernelspec_whose_kernel_runs_startup_code_is_not_pooled(
+        tmp_path: Path, no_leaks: None, caplog: pytest.LogCaptureFixture) -> None:
+    """A pooled kernel runs its init before the session's environment is its own:
+    one that would run code in its user namespace then is never handed out."""
+    kernels = tmp_path / "kernels"
+    write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1},
+                     argv=[sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}",
+                           ("--IPKernelApp.exec_lines=import os; at_start = os.environ.get("
+                            "'JPY_SESSION_NAME')")])
+    (tmp_path / "runtime").mkdir()
+    (tmp_path / "work").mkdir()
+
+    async def main() -> None:
+        try:
+            for session in ("/a.ipynb", "/b.ipynb"):
+                km, kc = await start(kernels, session)
+                assert not km.provisioner.pooled
+                assert await execute_ok(kc, "print(at_start)") == session + "\n"
+                await stop(km, kc)
+                deadline = time.monotonic() + 60 * SLOWDOWN
+                while the_pool().size and time.monotonic() < deadline:
+                    await asyncio.sleep(0.1)
+            assert the_pool().size == 0 and not the_pool().waiting
+            assert "would run startup code (IPKernelApp.exec_lines)" in caplog.text
+        finally:
+            await finish()
+    run(main())
+
+
+def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
+                                                          no_leaks: None) -> None:
+    async def main() -> None:
+        try:
+            km, kc = await start(kernels, "/a.ipynb")
+            await stop(km, kc)
+            await filled(2)
+            km, kc = await start(kernels, "/a.ipynb")
+            assert km.provisioner.pooled
+            # stop_on_error=False: the next request is not aborted for the interrupt
+            msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)",
+                                stop_on_error=False)
+            while True:
+                msg = await kc.get_iopub_msg(timeout=10)
+                if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
+                    break
+            await km.interrupt_kernel()
+            while True:
+                reply = await kc.get_shell_msg(timeout=10)
+                if reply["parent_header"].get("msg_id") == msg_id:
+                    break
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+            await execute_ok(kc, "marker = 1")
+            old = km.provisioner.sandbox
+            await km.restart_kernel(now=True)
+            await kc.wait_for_ready(timeout=READY_TIMEOUT)
+            assert km.provisioner.sandbox is not old and old.returncode is not None
+            assert not km.provisioner.pooled  # a restart starts fresh
+            assert "NameError" in await execute_ok(kc, "try:\n marker\nexcept NameError as e:\n"
+                                                   " print('NameError')")
+            sandbox = km.provisioner.sandbox
+            await stop(km, kc)
+            assert sandbox.returncode is not None
+            assert not os.path.exists(km.connection_file)
+        finally:
+            await finish()
+    run(main())
+
+
+def test_the_restarter_restarts_a_pooled_kernel_killed_from_outside(kernels: Path,
+                                                                    no_leaks: None) -> None:
+    async def main() -> None:
+        try:
+            km, kc = await start(kernels, "/a.ipynb")
+            await stop(km, kc)
+            await filled(2)
+            km, kc = await start(kernels, "/a.ipynb", cls=AsyncIOLoopKernelManager,
+                                 config=Config({"KernelRestarter": {"time_to_dead": 0.2}}))
+            assert km.provisioner.pooled
+            restarted = asyncio.Event()
+            km.add_restart_callback(restarted.set, "restart")
+            old = km.provisioner.sandbox
+            os.kill(old.pid, signal.SIGKILL)
+            await asyncio.wait_for(restarted.wait(), 20)
+            await until_restarted(km, old)
+            await kc.wait_for_ready(timeout=READY_TIMEOUT)
+            assert km.provisioner.sandbox.pid != old.pid
+            assert (await execute_ok(kc, "print('back')")).strip() == "back"
+            await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+
+
+def test_a_pooled_kernel_that_dies_waiting_is_replaced_not_served(
+        kernels: Path, no_leaks: None, caplog: pytest.LogCaptureFixture) -> None:
+    async def main() -> None:
+        try:
+            km, kc = await start(kernels, "/a.ipynb")
+            await stop(km, kc)
+            await filled(2)
+            victim = the_pool().waiting[0]
+            victim.proc.kill()
+            deadline = time.monotonic() + 20
+            while victim in the_pool().waiting:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            names = await filled(2)
+            assert victim.name not in names
+            km, kc = await start(kernels, "/b.ipynb")
+            assert km.provisioner.pooled
+            assert km.provisioner.sandbox is not victim.proc
+            await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+    assert any("died while waiting" in r.getMessage() for r in caplog.records)
+
+
+# ---- a real jupyter_server -----------------------------------------------------------
+
+def cgroups_named(part: str) -> list[str]:
+    found = subprocess.run(["find", "/sys/fs/cgroup", "-type", "d", "-name", f"*{part}*"],
+                           check=False, capture_output=True, text=True).stdout.split()
+    return found
+
+
+@pytest.mark.parametrize("end", ["SIGTERM", "SIGKILL"])
+def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path,
+                                                                  end: str) -> None:
+    kernels = tmp_path / "share" / "kernels"
+    write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1})
+    for sub in ("runtime", "config", "root"):
+        (tmp_path / sub).mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "share"),
+           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
+           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_TOKEN": TOKEN}
+    log = tmp_path / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
+             "--no-browser", "--allow-root", f"--ServerApp.root_dir={tmp_path / 'root'}",
+             "--MappingKernelManager.cull_idle_timeout=3",
+             "--MappingKernelManager.cull_interval=1"], env=env,
+            stdout=subprocess.DEVNULL, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                request("GET", url + "/api/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, log.read_text()
+                time.sleep(0.2)
+        first = request("POST", url + "/api/kernels", {"name": POOLED})[1]["id"]
+        deadline = time.monotonic() + 60
+        pool_dirs = os.path.join(sockets_parent(), f"server-{server.pid}-*", "*.pool-runtime")
+        while not glob.glob(pool_dirs):
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        time.sleep(1)  # its imports
+        # doctor counts it: one waiting kernel of this server
+        assert waiting_on_host().get(server.pid) == 1
+        assert "1 waiting (1 in server" in check_pools(HostFacts(
+            pooled_kernels=waiting_on_host())).detail
+        second = request("POST", url + "/api/kernels", {"name": POOLED})[1]["id"]
+        assert f"kernel {second} ({POOLED}) came from the pool" in log.read_text()
+        assert f"kernel {first} ({POOLED}) came from the pool" not in log.read_text()
+        deadline = time.monotonic() + 30
+        while request("GET", f"{url}/api/kernels/{second}")[0] != 404:  # culled
+            assert time.monotonic() < deadline, "the pooled kernel was not culled"
+            time.sleep(0.5)
+        while not glob.glob(pool_dirs):  # refilled
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        waiting = [os.path.basename(d).split("-")[0] for d in glob.glob(pool_dirs)]
+    finally:
+        # SIGTERM: a clean exit (atexit); SIGKILL: no cleanup of its own
+        server.send_signal(getattr(signal, end))
+        server.wait(30)
+    # the pooled kernel died with the server (PR_SET_PDEATHSIG), nothing runs in its name
+    deadline = time.monotonic() + 10
+    while any(p for p in Path("/proc").iterdir() if p.name.isdigit() and
+              waiting[0] in _cmdline_or_cgroup(p)):
+        assert time.monotonic() < deadline, "a pooled kernel outlived its server"
+        time.sleep(0.2)
+    # after SIGKILL the next server sweeps what this one left: sockets, copies of
+    # connection files, cgroups; a clean exit leaves nothing to sweep
+    if end == "SIGKILL":
+        from nsprovisioner.cgroup_layout import sweep_stale_cgroups
+        from nsprovisioner.ipcdir import sweep_dead_servers
+        sweep_dead_servers(str(tmp_path / "runtime"))
+        sweep_stale_cgroups("auto")
+    assert not glob.glob(os.path.join(sockets_parent(), f"server-{server.pid}-*"))
+    assert not cgroups_named(waiting[0])
+
+
+def _cmdline_or_cgroup(p: Path) -> str:
+    try:
+        return (p / "cgroup").read_text()
+    except OSError:
+        return ""
+
+
+def test_an_installed_kernelspec_with_pool_size_is_pooled(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], no_leaks: None) -> None:
+    src = tmp_path / "path" / "kernels" / "src"
+    write_kernelspec(tmp_path / "path" / "kernels", "src", provisioner="local")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "path"))
+    monkeypatch.setenv("JUPYTER_DATA_DIR", str(tmp_path / "data"))
+    assert cli_main(["install", "--from", "src", "--name", "warm", "--config",
+                     "pool_size=-1"]) != 0
+    assert "pool_size -1 must be a whole number >= 0" in capsys.readouterr().err
+    assert cli_main(["install", "--from", "src", "--name", "warm", "--config",
+                     "pool_size=1"]) == 0
+    spec = json.loads((tmp_path / "data" / "kernels" / "warm" / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"] == {"pool_size": 1}
+    assert src.exists()
+    (tmp_path / "data" / "runtime").mkdir()  # manager()'s connection files
+    (tmp_path / "work").mkdir()
+
+    async def main() -> None:
+        kernels = tmp_path / "data" / "kernels"
+        try:
+            for pooled in (False, True):
+                km = manager(kernels, "warm")
+                await km.start_kernel(cwd=str(tmp_path / "work"))
+                assert km.provisioner.pooled is pooled
+                kc = km.client()
+                kc.start_channels()
+                await kc.wait_for_ready(timeout=READY_TIMEOUT)
+                assert (await execute_ok(kc, "print(6 * 7)")).strip() == "42"
+                await stop(km, kc)
+                if not pooled:
+                    await filled(1, "warm")
+        finally:
+            await finish()
+    run(main())
