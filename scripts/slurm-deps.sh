@@ -6,15 +6,7 @@
 # service the package may have started does not matter (nor is it stopped).
 set -euo pipefail
 VENV=${VENV:-/opt/nsprovisioner-venv}
-packages=(slurmctld slurmd slurm-client munge)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+bash "$(dirname "$0")/apt-missing.sh" slurmctld slurmd slurm-client munge
 for tool in slurmctld slurmd sbatch squeue scancel munged; do
     command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || { echo "slurm-deps.sh: $tool did not install" >&2; exit 1; }
 done

@@ -22,16 +22,7 @@ start=$SECONDS
 
 # qemu, a kernel to boot (its modules too: virtme-ng loads 9p and virtio
 # from them), and busybox for virtme's fallback init.
-packages=(qemu-system-x86 linux-image-amd64 busybox-static python3-venv)
-missing=()
-for p in "${packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-        "${missing[@]}" >/dev/null
-fi
+bash "$(dirname "$0")/apt-missing.sh" qemu-system-x86 linux-image-amd64 busybox-static python3-venv
 if [ ! -x "$VNG_VENV/bin/vng" ]; then
     /usr/bin/python3 -m venv "$VNG_VENV"
     "$VNG_VENV/bin/python" -m pip install -q virtme-ng 2>&1 | grep -v "^WARNING: Location" || true

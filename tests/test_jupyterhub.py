@@ -35,6 +35,24 @@ USERS = ("nsphub-alice", "nsphub-bob")
 SANDBOX_ALL = "share/jupyter/nsprovisioner/jupyter_server_config_sandbox_all.py"
 
 
+def hub_config(workdir: Path, port: int, token: str, users: tuple[str, ...]) -> str:
+    """A hub on `port` (its own hub and proxy API ports), state in `workdir`, the dummy
+    authenticator for `users`, and a service whose `token` may start and reach servers."""
+    return f"""
+c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
+c.JupyterHub.hub_ip = "127.0.0.1"
+c.JupyterHub.hub_port = {free_port()}
+c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{free_port()}"
+c.JupyterHub.db_url = "sqlite:///{workdir}/jupyterhub.sqlite"
+c.JupyterHub.cookie_secret_file = "{workdir}/cookie_secret"
+c.JupyterHub.authenticator_class = "dummy"
+c.Authenticator.allowed_users = {set(users)!r}
+c.JupyterHub.services = [{{"name": "e2e", "api_token": "{token}"}}]
+c.JupyterHub.load_roles = [{{"name": "e2e", "services": ["e2e"],
+    "scopes": ["admin:users", "admin:servers", "access:servers", "list:users"]}}]
+"""
+
+
 def sandbox_all_config() -> str:
     for base in (Path(sys.prefix), Path(__file__).resolve().parents[1]):
         if (base / SANDBOX_ALL).is_file():
@@ -116,20 +134,9 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hub]:
     workdir = tmp_path_factory.mktemp("hub")
     os.chmod(workdir, 0o755)
     token = secrets.token_hex(16)
-    port, hub_port, api_port = free_port(), free_port(), free_port()
+    port = free_port()
     bindir = os.path.dirname(sys.executable)
-    (workdir / "jupyterhub_config.py").write_text(f"""
-c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{api_port}"
-c.JupyterHub.db_url = "sqlite:///{workdir}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = "{workdir}/cookie_secret"
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allowed_users = {set(USERS)!r}
-c.JupyterHub.services = [{{"name": "e2e", "api_token": "{token}"}}]
-c.JupyterHub.load_roles = [{{"name": "e2e", "services": ["e2e"],
-    "scopes": ["admin:users", "admin:servers", "access:servers", "list:users"]}}]
+    (workdir / "jupyterhub_config.py").write_text(hub_config(workdir, port, token, USERS) + f"""
 c.Spawner.cmd = ["{bindir}/jupyterhub-singleuser"]
 c.Spawner.args = ["--config={sandbox_all_config()}"]
 c.Spawner.default_url = "/tree"

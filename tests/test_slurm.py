@@ -28,7 +28,7 @@ import pytest
 
 from tests.conftest import stop_process
 from tests.slurm_cluster import SlurmCluster, free_port
-from tests.test_jupyterhub import Hub, sandbox_all_config
+from tests.test_jupyterhub import Hub, hub_config, sandbox_all_config
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="Slurm's daemons and the test users need root")
@@ -113,20 +113,9 @@ def hub(request: pytest.FixtureRequest) -> Iterator[SlurmHub]:
             subprocess.run(["useradd", "--create-home", user], check=True, capture_output=True)
         cluster.start()
         token = secrets.token_hex(16)
-        port, hub_port, api_port = free_port(), free_port(), free_port()
+        port = free_port()
         bindir = os.path.dirname(sys.executable)
-        (hubdir / "jupyterhub_config.py").write_text(f"""
-c.JupyterHub.bind_url = "http://127.0.0.1:{port}"
-c.JupyterHub.hub_ip = "127.0.0.1"
-c.JupyterHub.hub_port = {hub_port}
-c.ConfigurableHTTPProxy.api_url = "http://127.0.0.1:{api_port}"
-c.JupyterHub.db_url = "sqlite:///{hubdir}/jupyterhub.sqlite"
-c.JupyterHub.cookie_secret_file = "{hubdir}/cookie_secret"
-c.JupyterHub.authenticator_class = "dummy"
-c.Authenticator.allowed_users = {set(USERS)!r}
-c.JupyterHub.services = [{{"name": "e2e", "api_token": "{token}"}}]
-c.JupyterHub.load_roles = [{{"name": "e2e", "services": ["e2e"],
-    "scopes": ["admin:users", "admin:servers", "access:servers", "list:users"]}}]
+        (hubdir / "jupyterhub_config.py").write_text(hub_config(hubdir, port, token, USERS) + f"""
 c.JupyterHub.spawner_class = "batchspawner.SlurmSpawner"
 # sbatch runs as the user (a fresh Debian has no sudo, batchspawner's default)
 c.SlurmSpawner.exec_prefix = "{runuser} -u {{username}} --"
