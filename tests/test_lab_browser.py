@@ -2,11 +2,12 @@
 
 A real JupyterLab server with nsprovisioner installed (its lab extension and
 server extension, as pip installed them), Debian's headless Chromium driven
-through its chromedriver, and two notebooks: one on a sandboxed kernel with
-a memory and a pids limit, whose status item must show the network and the
+through its chromedriver, and notebooks: one on a sandboxed kernel with a
+memory and a pids limit, whose status item must show the network and the
 limits and whose out-of-memory kill must put the reason on screen; one whose
 kernel can't start, whose error must be readable (wrapped, the fix on its
-own line). Screenshots of each step go to $NSPROV_SCREENSHOTS when set
+own line); new ones on a pooled kernelspec, whose kernel must come from the
+pool and be the one a fresh start gives. Screenshots of each step go to $NSPROV_SCREENSHOTS when set
 (docs/img/ was made so).
 """
 
@@ -15,61 +16,47 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 
-from .conftest import require_limit, stop_process
+from .conftest import require_limit
+from .lab_server import (
+    CHROMEDRIVER,
+    CHROMIUM,
+    TOKEN,
+    chromium,
+    kernelspec,
+    new_notebook_output,
+    notebook,
+    open_lab,
+    running_lab,
+    wait_for,
+)
 
-webdriver = pytest.importorskip("selenium.webdriver")
-from selenium.common.exceptions import WebDriverException
+pytest.importorskip("selenium.webdriver")
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
-CHROMIUM = shutil.which("chromium")
-CHROMEDRIVER = shutil.which("chromedriver")
 pytestmark = [
     pytest.mark.timeout(240),
     pytest.mark.skipif(CHROMIUM is None or CHROMEDRIVER is None,
                        reason="needs Debian's chromium and chromium-driver (scripts/setup-host.sh)"),
 ]
-TOKEN = "lab-test-" + uuid.uuid4().hex
 MEMORY_LIMIT_MIB = 256
 PIDS_LIMIT = 64
-T = TypeVar("T")
-
-
-def kernelspec(share: Path, name: str, argv0: str, config: dict[str, Any]) -> None:
-    (share / "kernels" / name).mkdir(parents=True)
-    (share / "kernels" / name / "kernel.json").write_text(json.dumps({
-        "argv": [argv0, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
-        "display_name": name, "language": "python",
-        "metadata": {"kernel_provisioner": {"provisioner_name": "namespace-provisioner",
-                                            "config": config}}}))
-
-
-def notebook(path: Path, kernel: str, *cells: str) -> None:
-    path.write_text(json.dumps({
-        "nbformat": 4, "nbformat_minor": 5,
-        "metadata": {"kernelspec": {"name": kernel, "display_name": kernel,
-                                    "language": "python"}},
-        "cells": [{"cell_type": "code", "id": f"c{i}", "metadata": {}, "execution_count": None,
-                   "outputs": [], "source": code} for i, code in enumerate(cells)]}))
 
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
-    """The URL of a JupyterLab server with the two kernels and notebooks, and its log."""
+    """The URL of a JupyterLab server with the kernels and notebooks below, and its log."""
     from nsprovisioner.sandbox import SandboxSpec
 
     require_limit(SandboxSpec(memory_limit=f"{MEMORY_LIMIT_MIB}M"), "memory")
@@ -80,6 +67,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     kernelspec(share, "broken", "/nonexistent/python3", {})  # exec fails inside: ENOENT
     kernelspec(share, "degraded", sys.executable,  # starts, without the missing device
                {"strict": False, "devices": ["/dev/nsprov-lab-test-missing"]})
+    kernelspec(share, "pooled", sys.executable, {"pool_size": 1})
     root.mkdir()
     notebook(root / "limited.ipynb", "limited",
              # more threads than the pids limit lets start: RuntimeError, nobody killed
@@ -89,88 +77,14 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
              "hog = b'x' * (1024 * 2**20)")  # touches every page: the OOM killer
     notebook(root / "broken.ipynb", "broken", "1")
     notebook(root / "degraded.ipynb", "degraded", "1")
-    # JupyterLab's "receive news?" toast would sit among the ones under test
-    settings = base / "settings" / "@jupyterlab" / "apputils-extension"
-    settings.mkdir(parents=True)
-    (settings / "notification.jupyterlab-settings").write_text(
-        json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    for sub in ("runtime", "config", "workspaces"):
-        (base / sub).mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JUPYTER_PATH": str(share), "JUPYTER_CONFIG_DIR": str(base / "config"),
-           "JUPYTER_RUNTIME_DIR": str(base / "runtime"), "JUPYTER_TOKEN": TOKEN,
-           "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces")}
-    log_path = base / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ip=127.0.0.1",
-             "--no-browser", "--allow-root", f"--ServerApp.root_dir={root}"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    log_path.read_text()[-3000:]
-                time.sleep(0.3)
-        yield url, log_path
-    finally:
-        stop_server(proc, url)
-
-
-def stop_server(proc: subprocess.Popen[bytes], url: str) -> None:
-    """Its kernels shut down through the API, then the server. (Once, after these
-    tests, the server's own shutdown on SIGTERM stopped at "404 Kernel does not exist"
-    for a kernel it still listed as pending, and the server ran on until SIGKILL:
-    the kernels must not depend on that.)"""
-    if proc.poll() is None:
-        try:
-            with urllib.request.urlopen(f"{url}/api/kernels?token={TOKEN}", timeout=10) as r:
-                kernels = json.loads(r.read())
-            for kernel in kernels:
-                urllib.request.urlopen(urllib.request.Request(
-                    f"{url}/api/kernels/{kernel['id']}?token={TOKEN}", method="DELETE"),
-                    timeout=30).close()
-        except OSError as e:  # SIGTERM still shuts the kernels down
-            print(f"could not shut the kernels down through the API: {e}")
-    stop_process(proc, 10)  # SIGKILL after that: its kernels are gone already
+    with running_lab(base) as (url, log):
+        yield url, log
 
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1280,800",
-                f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):
-        options.add_argument(arg)
-    service = webdriver.ChromeService(executable_path=str(CHROMEDRIVER))
-    driver = webdriver.Chrome(options=options, service=service)
-    try:
+    with chromium(tmp_path_factory.mktemp("chromium")) as driver:
         yield driver
-    finally:
-        driver.quit()
-
-
-def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 60) -> T:
-    """probe()'s first truthy answer; fails naming `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            answer = probe()
-        except WebDriverException:
-            answer = None
-        if answer:
-            return answer
-        assert time.monotonic() < deadline, f"never saw {what}"
-        time.sleep(0.25)
 
 
 def shoot(driver: Any, name: str) -> None:
@@ -179,11 +93,6 @@ def shoot(driver: Any, name: str) -> None:
         time.sleep(1)  # a toast slides in: a picture of it, not of its edge
         Path(where).mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(Path(where) / f"{name}.png"))
-
-
-def open_notebook(driver: Any, url: str, name: str) -> None:
-    """The notebook alone: `reset` drops the tabs an earlier test left in the workspace."""
-    driver.get(f"{url}/lab/tree/{name}?reset&token={TOKEN}")
 
 
 def status_text(driver: Any) -> str | None:
@@ -197,7 +106,7 @@ def toasts(driver: Any) -> str:
 
 def test_status_item_and_oom_kill_reason(lab: tuple[str, Path], browser: Any) -> None:
     url, log = lab
-    open_notebook(browser, url, "limited.ipynb")
+    open_lab(browser, url, "limited.ipynb")
     text = wait_for("the status item with the limits", lambda: (
         (t := status_text(browser)) and "mem" in t and "pids" in t and t))
     assert text.startswith("sandboxed"), text
@@ -223,7 +132,7 @@ def test_status_item_and_oom_kill_reason(lab: tuple[str, Path], browser: Any) ->
 
 def test_failed_start_is_readable(lab: tuple[str, Path], browser: Any) -> None:
     url, log = lab
-    open_notebook(browser, url, "broken.ipynb")
+    open_lab(browser, url, "broken.ipynb")
     dialog = wait_for("the start error's dialog", lambda: [
         d for d in browser.find_elements(By.CSS_SELECTOR, ".jp-Dialog-content")
         if "Error Starting Kernel" in d.text])[0]
@@ -247,7 +156,7 @@ def test_failed_start_is_readable(lab: tuple[str, Path], browser: Any) -> None:
 def test_start_without_some_limits_warns_in_the_ui_and_in_jupyters_log(
         lab: tuple[str, Path], browser: Any) -> None:
     url, log = lab
-    open_notebook(browser, url, "degraded.ipynb")
+    open_lab(browser, url, "degraded.ipynb")
     wait_for("the strict = false warning in a notification",
              lambda: "starting the sandbox without some devices" in toasts(browser))
     wait_for("the kernel running anyway", lambda: (
@@ -267,3 +176,40 @@ def test_endpoints_are_authenticated_like_the_kernel_api(lab: tuple[str, Path]) 
         assert refused.value.code == 403, path
     with urllib.request.urlopen(f"{url}/nsprovisioner/events?token={TOKEN}", timeout=10) as r:
         assert "last" in json.loads(r.read())
+
+
+def test_a_new_notebook_on_a_pooled_kernelspec_runs_in_a_waiting_kernel(
+        lab: tuple[str, Path], browser: Any) -> None:
+    """The launcher's way to a new notebook, as benchmarks/lab_first_output.py times
+    it. The first start makes the pool (and misses it); a later one finds a kernel
+    done importing and takes it: its cwd and JPY_SESSION_NAME are its notebook's,
+    as for the fresh kernel."""
+    from nsprovisioner.pool import waiting_on_host
+
+    url, log = lab
+    open_lab(browser, url)
+    marker = "pooled-" + uuid.uuid4().hex
+    code = f"import os; print({marker!r}, os.getcwd(), os.environ['JPY_SESSION_NAME'])"
+    root = str(log.parent / "root")
+
+    def run() -> tuple[bool, dict[str, Any]]:
+        result = new_notebook_output(browser, "pooled", code, marker)
+        _, cwd, session = result["text"].split()
+        assert cwd == root, result
+        assert session == os.path.join(root, result["path"]), result
+        pooled = f"kernel {result['kernelId']} (pooled) came from the pool" in log.read_text()
+        return pooled, result
+
+    pooled, fresh = run()
+    assert not pooled, "the first start found a pool that nothing had made"
+    wait_for("a kernel waiting in the pool", lambda: sum(waiting_on_host().values()))
+    # Waiting is not ready: a kernel still importing is not handed out (that start
+    # is a fresh one). On a loaded machine, a few fresh starts may pass first.
+    for _ in range(10):
+        time.sleep(1)
+        pooled, result = run()
+        if pooled:
+            break
+    assert pooled, log.read_text()[-3000:]
+    assert result["kernelId"] != fresh["kernelId"]
+    print(f"first output: fresh {fresh['output']:.0f} ms, pooled {result['output']:.0f} ms")
