@@ -46,7 +46,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from jupyter_client.connect import write_connection_file
 
@@ -77,7 +77,6 @@ ZYGOTE_SOURCE = (Path(__file__).parent / "zygote.py").read_text()
 # Refills wait until every ordinary start's kernel listens, and this long after
 # the last one did (ForegroundStarts).
 QUIET_BEFORE_REFILL = 0.2
-LISTEN_WAIT = 60.0  # an ordinary start counts as running at most this long
 
 
 def check_pool_size(value: object, where: str) -> int:
@@ -409,13 +408,13 @@ def _exited(proc: SandboxProcess) -> bool:
 
 
 class ForegroundStarts:
-    """Ordinary kernel starts whose kernel does not listen yet. A start is CPU-bound
-    imports until the kernel binds its sockets; refills wait for all of them, so a
-    burst that empties the pool is not slowed by its refill."""
+    """Ordinary kernel starts whose kernel does not listen yet (the provisioner's
+    launch waits for that). A start is CPU-bound imports until the kernel binds its
+    sockets; refills wait for all of them, so a burst that empties the pool is not
+    slowed by its refill."""
 
     running = 0
     last_end = 0.0
-    _watches: ClassVar[set[asyncio.Task[None]]] = set()
 
     @classmethod
     def begin(cls) -> None:
@@ -425,22 +424,6 @@ class ForegroundStarts:
     def end(cls) -> None:
         cls.running -= 1
         cls.last_end = time.monotonic()
-
-    @classmethod
-    def until_listening(cls, sockets: Sequence[str], proc: SandboxProcess) -> None:
-        """end() once the kernel's ipc `sockets` exist, it died, or LISTEN_WAIT passed."""
-        async def watch() -> None:
-            deadline = time.monotonic() + LISTEN_WAIT
-            try:
-                while (not all(os.path.exists(p) for p in sockets) and proc.poll() is None
-                       and time.monotonic() < deadline):
-                    await asyncio.sleep(0.05)
-            finally:
-                cls.end()
-
-        task = _loop().create_task(watch())
-        cls._watches.add(task)
-        task.add_done_callback(cls._watches.discard)
 
     @classmethod
     async def quiet(cls) -> None:

@@ -80,6 +80,11 @@ from .spawn import DEVNULL, PIPE, command_env, spawn
 _BASE_ARGUMENTS = frozenset({"kernel_id", "kernel_spec", "parent", "config", "log"})
 POOL_SIZE = "pool_size"  # a provisioner option, not the sandbox's: pool.py
 PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")
+# A launch returns once the kernel listens (see launch_kernel), polling this often,
+# or after this long: a kernel that binds later is then connected to as
+# LocalProvisioner's are, by the clients' reconnects.
+LISTEN_POLL = 0.005
+LISTEN_WAIT = 10.0
 
 
 class NamespaceProvisioner(LocalProvisioner):
@@ -321,27 +326,26 @@ class NamespaceProvisioner(LocalProvisioner):
                                     self._runtime_dirs, all(s is None for s in stdio),
                                     self.kernelspec_name,
                                     "curve_publickey" in self.connection_info)
+        started_here = False
         try:
             proc = await self._from_pool(pool, target, cmd, kwargs.get("env") or {})
             left_out = list(self._pooled_warnings)  # what its start left out
             if proc is None:
                 ForegroundStarts.begin()
-                try:
-                    with warnings_of_launch() as left_out:
-                        proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
-                                           stdin=DEVNULL, stdout=stdout, stderr=stderr,
-                                           name=self.kernel_id, path_pins=self.path_pins,
-                                           # a kernel runs notebook code only once launched
-                                           network_before_exec=False)
-                except BaseException:
-                    ForegroundStarts.end()
-                    raise
-                ForegroundStarts.until_listening(self._socket_paths(), proc)
+                started_here = True
+                with warnings_of_launch() as left_out:
+                    proc = await spawn(self.spec, cmd, env=kwargs.get("env"), cwd=self.cwd,
+                                       stdin=DEVNULL, stdout=stdout, stderr=stderr,
+                                       name=self.kernel_id, path_pins=self.path_pins,
+                                       # a kernel runs notebook code only once launched
+                                       network_before_exec=False)
         except BaseException as e:
             # jupyter_client calls cleanup() only after a successful start.
             await self._discard_launch_files()
             if isinstance(e, SandboxError):
                 self._record_start_failure(e)
+            if started_here:
+                ForegroundStarts.end()
             raise
         for warning in left_out:
             events.record(self.kernel_id, self.kernelspec_name, DEGRADED, warning)
@@ -354,7 +358,28 @@ class NamespaceProvisioner(LocalProvisioner):
         if pool is not None:
             # a request no pooled kernel could serve leaves the pool as it is
             pool.want(target or pool.target, self.resolve_pool_size(), self.log)
+        if started_here:
+            try:
+                await self._until_listening(proc)
+            finally:
+                ForegroundStarts.end()
         return self.connection_info
+
+    async def _until_listening(self, proc: SandboxProcess) -> None:
+        """Until the kernel has bound its ipc sockets, exited, or LISTEN_WAIT passed.
+        LocalProvisioner returns at once, and the server's clients connect before the
+        kernel binds: each retries every 100 ms (zmq's reconnect interval), and
+        jupyter_server's websocket "nudge" resends kernel_info only every 0.5 s until
+        its activity watcher has seen the kernel's status, which that watcher misses
+        when its subscription is late. In JupyterLab that put a fresh kernel's first
+        output 0.5 s later in about a third of the starts, local or sandboxed
+        (benchmarks/lab_first_output.py). A kernel that is already listening when
+        the server connects to it answers the first nudge."""
+        sockets = self._socket_paths()
+        deadline = time.monotonic() + LISTEN_WAIT
+        while (sockets and not all(os.path.exists(p) for p in sockets)
+               and proc.poll() is None and time.monotonic() < deadline):
+            await asyncio.sleep(LISTEN_POLL)
 
     def _socket_paths(self) -> list[str]:
         """The kernel's ipc sockets, once it listens; [] over tcp."""
