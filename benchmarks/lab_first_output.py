@@ -1,6 +1,6 @@
 """A new notebook in JupyterLab until its first cell's output: pooled vs LocalProvisioner.
 
-    python benchmarks/lab_first_output.py [--repeat 9] [--json F]
+    python benchmarks/lab_first_output.py [--repeat 9] [--json F] [--plot F.png]
 
 A real JupyterLab (as pip installed it, with nsprovisioner's extensions) in
 Debian's headless Chromium, three kernelspecs: "local" (LocalProvisioner),
@@ -168,15 +168,42 @@ def report(results: dict[str, Any]) -> None:
           f"measurements the machine was not quiet for: {results['not_quiet']}")
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Every start's phases, as the page saw them: open, session, first output."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for row, name in enumerate(VARIANTS):
+        r = results[name]
+        for key, colour in (("output", "tab:blue"), ("session", "tab:orange"),
+                            ("open", "tab:gray")):
+            ax.scatter(r[key], [row + 0.12 * (i % 3 - 1) for i in range(len(r[key]))],
+                       s=14, color=colour, label=key if row == 0 else None)
+        ax.plot([statistics.median(r["output"])] * 2, [row - 0.3, row + 0.3], color="black")
+    ax.set_yticks(range(len(VARIANTS)), list(VARIANTS))
+    ax.set_xlabel("ms from the launcher's command (line: median first output)")
+    ax.set_title("A new notebook in JupyterLab: notebook open, session has its kernel, "
+                 "first output", fontsize=10)
+    ax.legend(["first output", "session", "open"], loc="upper right", fontsize=8)
+    ax.set_xlim(left=0)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=9)
-    parser.add_argument("--json", type=Path)
+    parser.add_argument("--json", type=Path, help="write the figures here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of every start (needs matplotlib)")
     args = parser.parse_args()
     results = measure(args.repeat)
     report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.plot:
+        plot(results, args.plot)
 
 
 if __name__ == "__main__":
