@@ -525,3 +525,55 @@ def test_files_go_when_the_restarter_gives_up(kernels: Path, provisioner: str,
         await km.cleanup_resources()  # what a caller that keeps the manager would do
         km.context.destroy()
     run(main())
+
+
+def ipc_sockets(km: AsyncKernelManager) -> list[str]:
+    info = km.get_connection_info()
+    assert info["transport"] == "ipc", info
+    return [f"{info['ip']}-{info[key]}" for key in
+            ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port")]
+
+
+@pytest.mark.parametrize("provisioner", ["namespace", "nonet"])
+def test_a_start_returns_once_the_kernel_listens(kernels: Path, provisioner: str,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 no_leaks: None) -> None:
+    """jupyter_server connects to a kernel as soon as its start returns; connects
+    that come before the kernel binds cost JupyterLab's first output 0.5 s in a
+    third of the starts (docs/benchmarks.md). A kernel that exits without listening
+    doesn't hold the start until LISTEN_WAIT; one that never listens holds it that
+    long, then starts as LocalProvisioner's would."""
+    from nsprovisioner import provisioner as provisioner_module
+
+    _, config = VARIANTS[provisioner]
+    write_kernelspec(kernels, "exits", provisioner="namespace", config=config,
+                     argv=[sys.executable, "-c", "import sys; sys.exit(3)", "{connection_file}"])
+    write_kernelspec(kernels, "deaf", provisioner="namespace", config=config,
+                     argv=[sys.executable, "-c", "import time; time.sleep(600)",
+                           "{connection_file}"])
+
+    async def main() -> None:
+        km = manager(kernels, provisioner)
+        await km.start_kernel()
+        try:
+            assert all(os.path.exists(p) for p in ipc_sockets(km)), ipc_sockets(km)
+        finally:
+            await km.shutdown_kernel(now=True)
+
+        monkeypatch.setattr(provisioner_module, "LISTEN_WAIT", 60 * SLOWDOWN)
+        km = manager(kernels, "exits")
+        begin = time.monotonic()
+        await km.start_kernel()
+        assert time.monotonic() - begin < 30 * SLOWDOWN, "a dead kernel held its start"
+        assert not await km.is_alive()
+        await km.shutdown_kernel(now=True)
+
+        monkeypatch.setattr(provisioner_module, "LISTEN_WAIT", 1.0)
+        km = manager(kernels, "deaf")
+        await km.start_kernel()
+        try:
+            assert await km.is_alive()
+            assert not any(os.path.exists(p) for p in ipc_sockets(km))
+        finally:
+            await km.shutdown_kernel(now=True)
+    run(main())
