@@ -12,11 +12,8 @@ server is stopped.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.request
 import uuid
@@ -26,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tests.conftest import stop_process
+from tests.jupyter_process import start_jupyter
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -61,35 +59,13 @@ def running_lab(base: Path) -> Iterator[tuple[str, Path]]:
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
-    for sub in ("runtime", "config", "workspaces"):
-        (base / sub).mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JUPYTER_PATH": str(base / "share"),
-           "JUPYTER_CONFIG_DIR": str(base / "config"),
-           "JUPYTER_RUNTIME_DIR": str(base / "runtime"), "JUPYTER_TOKEN": TOKEN,
-           "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces")}
+    (base / "workspaces").mkdir()
     log_path = base / "server.log"
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", f"--port={port}", "--ip=127.0.0.1",
-             "--no-browser", "--allow-root", f"--ServerApp.root_dir={base / 'root'}",
-             "--LabApp.expose_app_in_browser=True"],
-            # its cwd is on its sys.path: not a source tree's nsprovisioner
-            cwd=base, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_jupyter(base, TOKEN, log_path, "--LabApp.expose_app_in_browser=True",
+                              app="jupyterlab", env={
+                                  "JUPYTERLAB_SETTINGS_DIR": str(base / "settings"),
+                                  "JUPYTERLAB_WORKSPACES_DIR": str(base / "workspaces")})
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/api/status?token={TOKEN}", timeout=5).close()
-                break
-            except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, \
-                    log_path.read_text()[-3000:]
-                time.sleep(0.3)
         yield url, log_path
     finally:
         stop_server(proc, url)

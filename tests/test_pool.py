@@ -12,7 +12,6 @@ import glob
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from nsprovisioner.ipcdir import sockets_parent
 from nsprovisioner.pool import close_pools, waiting_on_host
 
 from .conftest import SLOWDOWN, execute_ok, run
+from .jupyter_process import start_jupyter
 from .test_provisioner import READY_TIMEOUT, manager, until_restarted, write_kernelspec
 from .test_server import TOKEN, request
 
@@ -367,32 +367,11 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path
                                                                   end: str) -> None:
     kernels = tmp_path / "share" / "kernels"
     write_kernelspec(kernels, POOLED, provisioner="namespace", config={"pool_size": 1})
-    for sub in ("runtime", "config", "root"):
-        (tmp_path / sub).mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JUPYTER_PATH": str(tmp_path / "share"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_TOKEN": TOKEN}
+    (tmp_path / "root").mkdir()
     log = tmp_path / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", f"--port={port}", "--ip=127.0.0.1",
-             "--no-browser", "--allow-root", f"--ServerApp.root_dir={tmp_path / 'root'}",
-             "--MappingKernelManager.cull_idle_timeout=3",
-             "--MappingKernelManager.cull_interval=1"], env=env,
-            stdout=subprocess.DEVNULL, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_jupyter(tmp_path, TOKEN, log, "--MappingKernelManager.cull_idle_timeout=3",
+                                "--MappingKernelManager.cull_interval=1")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                request("GET", url + "/api/status")
-                break
-            except OSError:
-                assert time.monotonic() < deadline and server.poll() is None, log.read_text()
-                time.sleep(0.2)
         first = request("POST", url + "/api/kernels", {"name": POOLED})[1]["id"]
         deadline = time.monotonic() + 60
         pool_dirs = os.path.join(sockets_parent(), f"server-{server.pid}-*", "*.pool-runtime")

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 import urllib.error
@@ -24,6 +22,7 @@ import pytest
 from tornado.websocket import websocket_connect
 
 from .conftest import run, stop_process
+from .jupyter_process import start_jupyter
 
 ROOT = Path(__file__).resolve().parent.parent
 SANDBOX_ALL = ROOT / "share/jupyter/nsprovisioner/jupyter_server_config_sandbox_all.py"
@@ -54,32 +53,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "provisioner_name": "namespace-provisioner", "config": {"network": "egress"}}})
     kernelspec(kernels, "typo", {"kernel_provisioner": {
         "provisioner_name": "namespace-provisioner", "config": {"memroy_limit": "1G"}}})
-    for sub in ("runtime", "config", "root"):
-        (base / sub).mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "JUPYTER_PATH": str(base / "share"),
-           "JUPYTER_RUNTIME_DIR": str(base / "runtime"), "JUPYTER_CONFIG_DIR": str(base / "config"),
-           "JUPYTER_TOKEN": TOKEN}
-    with open(base / "server.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyter_server", f"--config={SANDBOX_ALL}", f"--port={port}",
-             "--ip=127.0.0.1", "--no-browser", "--allow-root",
-             f"--ServerApp.root_dir={base / 'root'}", "--MappingKernelManager.cull_idle_timeout=3",
-             "--MappingKernelManager.cull_interval=1"],
-            env=env, stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
+    (base / "root").mkdir()
+    proc, url = start_jupyter(base, TOKEN, base / "server.log", f"--config={SANDBOX_ALL}",
+                              "--MappingKernelManager.cull_idle_timeout=3",
+                              "--MappingKernelManager.cull_interval=1")
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                request("GET", url + "/api/status")
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError((base / "server.log").read_text()) from None
-                time.sleep(0.2)
         yield url
     finally:
         stop_process(proc, 15)
