@@ -107,7 +107,7 @@ def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
 
 def remove_tree(path: str) -> None:
     """shutil.rmtree, also through directories of ours that can't be listed (a pooled
-    kernel's runtime dir is mode 0111, pool.py); other errors are ignored."""
+    kernel's runtime dir is mode 0111, pooled_kernel.py); other errors are ignored."""
     def retry(func: object, failed: str, exc_info: object) -> None:
         # rmtree couldn't open or list it (or, so, remove it): make it ours to list
         if os.path.isdir(failed) and not os.path.islink(failed) and failed != path:

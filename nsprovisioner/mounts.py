@@ -397,7 +397,7 @@ def plan_mounts(spec: SandboxSpec, cwd: str, *, argv0: str | None = None,
     `argv0` (the command's resolved path) adds its installation to what is
     protected; `pins` holds what each path resolved to at a kernel's first start.
     `sources`: read-only paths (real paths) that show another host directory of
-    the same kind (a pooled kernel's runtime dir, pool.py).
+    the same kind (a pooled kernel's runtime dir, pooled_kernel.py).
     """
     sources = dict(sources or {})
     user_paths = resolve_paths(spec, cwd, pins)

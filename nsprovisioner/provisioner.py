@@ -54,14 +54,12 @@ from .mounts import PathPins
 from .pool import (
     ForegroundStarts,
     KernelPool,
-    PooledKernel,
-    Target,
     check_pool_size,
     pool_for,
-    request_target,
     retire_pools,
     waiting_in_this_process,
 )
+from .pooled_kernel import PooledKernel, Target, request_target
 from .process import SandboxProcess
 from .relay import OutputRelay
 from .sandbox import (

@@ -1,4 +1,4 @@
-"""The program a pooled kernel's sandbox runs (pool.py): a kernel started ahead.
+"""The program a pooled kernel's sandbox runs (pooled_kernel.py): a kernel started ahead.
 
 It runs as `<kernel's python> -c <this file's source> MODULE ARGS`, in the
 sandbox and with the environment a kernel started now would get, ARGS being
