@@ -135,6 +135,13 @@ async def stop(km: Any, kc: Any) -> None:
         await km.cleanup_resources()
 
 
+async def warm_pool(kernels: Path) -> None:
+    """The pool, full: the kernelspec's first start makes it (an ordinary start)."""
+    km, kc = await start(kernels, "/a.ipynb")
+    await stop(km, kc)
+    await filled(2)
+
+
 async def probe(kc: Any) -> dict[str, Any]:
     result: dict[str, Any] = json.loads(await execute_ok(kc, PROBE))
     return result
@@ -204,9 +211,7 @@ def test_a_request_the_pool_was_not_made_for_starts_fresh(kernels: Path,
                                                           no_leaks: None) -> None:
     async def main() -> None:
         try:
-            km, kc = await start(kernels, "/a.ipynb")
-            await stop(km, kc)
-            await filled(2)
+            await warm_pool(kernels)
             # another cwd: the pooled sandboxes bind the first one
             sub = str(kernels.parent / "work" / "sub")
             km, kc = await start(kernels, "/a.ipynb", cwd=sub)
@@ -269,9 +274,7 @@ def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
                                                           no_leaks: None) -> None:
     async def main() -> None:
         try:
-            km, kc = await start(kernels, "/a.ipynb")
-            await stop(km, kc)
-            await filled(2)
+            await warm_pool(kernels)
             km, kc = await start(kernels, "/a.ipynb")
             assert km.provisioner.pooled
             # stop_on_error=False: the next request is not aborted for the interrupt
@@ -308,9 +311,7 @@ def test_the_restarter_restarts_a_pooled_kernel_killed_from_outside(kernels: Pat
                                                                     no_leaks: None) -> None:
     async def main() -> None:
         try:
-            km, kc = await start(kernels, "/a.ipynb")
-            await stop(km, kc)
-            await filled(2)
+            await warm_pool(kernels)
             km, kc = await start(kernels, "/a.ipynb", cls=AsyncIOLoopKernelManager,
                                  config=Config({"KernelRestarter": {"time_to_dead": 0.2}}))
             assert km.provisioner.pooled
@@ -333,9 +334,7 @@ def test_a_pooled_kernel_that_dies_waiting_is_replaced_not_served(
         kernels: Path, no_leaks: None, caplog: pytest.LogCaptureFixture) -> None:
     async def main() -> None:
         try:
-            km, kc = await start(kernels, "/a.ipynb")
-            await stop(km, kc)
-            await filled(2)
+            await warm_pool(kernels)
             victim = the_pool().waiting[0]
             victim.proc.kill()
             deadline = time.monotonic() + 20
