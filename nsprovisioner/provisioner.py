@@ -18,6 +18,7 @@ import asyncio
 import os
 import shutil
 import signal
+import stat
 import time
 from typing import Any, ClassVar
 
@@ -83,6 +84,15 @@ PORT_KEYS = ("shell_port", "iopub_port", "stdin_port", "control_port", "hb_port"
 # LocalProvisioner's are, by the clients' reconnects.
 LISTEN_POLL = 0.005
 LISTEN_WAIT = 10.0
+
+
+def _is_socket(path: str) -> bool:
+    """lstat, never stat: the socket dir is the kernel's to write (a symlink a
+    notebook left there must not make the server's loop follow it anywhere)."""
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
 
 
 class NamespaceProvisioner(LocalProvisioner):
@@ -375,7 +385,7 @@ class NamespaceProvisioner(LocalProvisioner):
         the server connects to it answers the first nudge."""
         sockets = self._socket_paths()
         deadline = time.monotonic() + LISTEN_WAIT
-        while (sockets and not all(os.path.exists(p) for p in sockets)
+        while (sockets and not all(_is_socket(p) for p in sockets)
                and proc.poll() is None and time.monotonic() < deadline):
             await asyncio.sleep(LISTEN_POLL)
 

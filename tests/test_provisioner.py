@@ -542,15 +542,21 @@ def test_a_start_returns_once_the_kernel_listens(kernels: Path, provisioner: str
     that come before the kernel binds cost JupyterLab's first output 0.5 s in a
     third of the starts (docs/benchmarks.md). A kernel that exits without listening
     doesn't hold the start until LISTEN_WAIT; one that never listens holds it that
-    long, then starts as LocalProvisioner's would."""
+    long (symlinks it put in its socket dir don't count), then starts as
+    LocalProvisioner's would."""
     from nsprovisioner import provisioner as provisioner_module
 
     _, config = VARIANTS[provisioner]
     write_kernelspec(kernels, "exits", provisioner="namespace", config=config,
                      argv=[sys.executable, "-c", "import sys; sys.exit(3)", "{connection_file}"])
+    # never listens; puts symlinks where its sockets would be (its socket dir is its
+    # own to write): they are not sockets, and the server follows none of them
+    plant = ("import json, os, sys, time; c = json.load(open(sys.argv[1]))\n"
+             "for key in ('shell_port', 'iopub_port', 'stdin_port', 'control_port', 'hb_port'):\n"
+             "    os.symlink('/dev/null', f\"{c['ip']}-{c[key]}\")\n"
+             "time.sleep(600)")
     write_kernelspec(kernels, "deaf", provisioner="namespace", config=config,
-                     argv=[sys.executable, "-c", "import time; time.sleep(600)",
-                           "{connection_file}"])
+                     argv=[sys.executable, "-c", plant, "{connection_file}"])
 
     async def main() -> None:
         km = manager(kernels, provisioner)
@@ -568,12 +574,14 @@ def test_a_start_returns_once_the_kernel_listens(kernels: Path, provisioner: str
         assert not await km.is_alive()
         await km.shutdown_kernel(now=True)
 
-        monkeypatch.setattr(provisioner_module, "LISTEN_WAIT", 1.0)
+        monkeypatch.setattr(provisioner_module, "LISTEN_WAIT", 2.0)
         km = manager(kernels, "deaf")
+        begin = time.monotonic()
         await km.start_kernel()
         try:
+            assert time.monotonic() - begin >= 2.0, "symlinks passed for listening sockets"
             assert await km.is_alive()
-            assert not any(os.path.exists(p) for p in ipc_sockets(km))
+            assert all(os.path.islink(p) for p in ipc_sockets(km))  # planted, early
         finally:
             await km.shutdown_kernel(now=True)
     run(main())
