@@ -107,17 +107,24 @@ def expose_only(spec: SandboxSpec, directory: str) -> SandboxSpec:
 
 def remove_tree(path: str) -> None:
     """shutil.rmtree, also through directories of ours that can't be listed (a pooled
-    kernel's runtime dir is mode 0111, pooled_kernel.py); other errors are ignored."""
+    kernel's runtime dir is mode 0111, pooled_kernel.py), `path` itself included;
+    other errors (a path that is gone) are ignored."""
+    def listable(directory: str) -> bool:
+        if not os.path.isdir(directory) or os.path.islink(directory):
+            return False
+        try:
+            os.chmod(directory, 0o700)
+        except OSError:
+            return False
+        return True
+
     def retry(func: object, failed: str, exc_info: object) -> None:
         # rmtree couldn't open or list it (or, so, remove it): make it ours to list
-        if os.path.isdir(failed) and not os.path.islink(failed) and failed != path:
-            try:
-                os.chmod(failed, 0o700)
-            except OSError:
-                return
+        if failed != path and listable(failed):
             shutil.rmtree(failed, ignore_errors=True)
 
-    shutil.rmtree(path, onerror=retry)
+    if listable(path):
+        shutil.rmtree(path, onerror=retry)
 
 
 def remove_socket_dir(directory: str) -> None:

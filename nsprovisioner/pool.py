@@ -56,9 +56,8 @@ def _loop() -> asyncio.AbstractEventLoop:
 class KernelPool:
     """The waiting kernels of one (kernelspec, sandbox config)."""
 
-    def __init__(self, kernelspec: str, spec_key: str, log: logging.Logger | Any) -> None:
+    def __init__(self, kernelspec: str, log: logging.Logger | Any) -> None:
         self.kernelspec = kernelspec
-        self.spec_key = spec_key
         self.log = log
         self.size = 0
         self.target: Target | None = None
@@ -66,8 +65,6 @@ class KernelPool:
         self.loop = _loop()
         self._filling: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
-        self.handed_out = 0
-        self.died = 0
         # what its kernels can't pass as fresh ones for: no pool for these
         self.unservable: list[Target] = []  # (a Target holds dicts: not hashable)
 
@@ -81,7 +78,6 @@ class KernelPool:
                 continue
             self.waiting.remove(kernel)
             self._unwatch(kernel)
-            self.handed_out += 1
             ForegroundStarts.handing_out()
             return kernel
         return None
@@ -94,9 +90,9 @@ class KernelPool:
             self.target = target
             for kernel in list(self.waiting):
                 self.discard(kernel, "the pool's kernelspec request changed")
-        while len(self.waiting) > size:
+        while len(self.waiting) > self.size:
             self.discard(self.waiting[-1], "pool_size is smaller")
-        if self.target is not None and len(self.waiting) < size and (
+        if self.target is not None and len(self.waiting) < self.size and (
                 self._filling is None or self._filling.done()):
             self._filling = self.loop.create_task(self._fill())
 
@@ -137,7 +133,7 @@ class KernelPool:
                 return
             try:
                 kernel = await start_pooled_kernel(target)
-            except SandboxError as e:
+            except (SandboxError, OSError) as e:
                 self.log.error("pooled kernel for %s could not start: %s; the pool stays "
                                "short until the next kernel start", self.kernelspec, e)
                 return
@@ -200,7 +196,6 @@ class KernelPool:
             return True
         self._unwatch(kernel)  # before poll() reaps the init and closes its pidfd
         status = kernel.proc.poll()
-        self.died += 1
         self.log.warning("pooled kernel %s (%s) died while waiting (status %s)%s",
                          kernel.name, self.kernelspec, status,
                          "; replacing it" if kernel.ready else
@@ -213,6 +208,7 @@ class KernelPool:
         else:
             self.size = 0
         return False
+
 
 class ForegroundStarts:
     """Ordinary kernel starts whose kernel does not listen yet (the provisioner's
@@ -267,16 +263,10 @@ def pool_for(kernelspec: str, spec: SandboxSpec, log: logging.Logger | Any) -> K
         if other_key[0] == kernelspec and other_key != key:
             log.info("kernelspec %s: its sandbox config changed; closing its pool of %d "
                      "kernel(s) made for the old one", kernelspec, len(pool.waiting))
-            del _pools[other_key]
-            task = loop.create_task(pool.close())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            _close_later(other_key)
     if key not in _pools:
-        _pools[key] = KernelPool(kernelspec, key[1], log)
+        _pools[key] = KernelPool(kernelspec, log)
     return _pools[key]
-
-
-_closing: set[asyncio.Task[None]] = set()
 
 
 def retire_pools(kernelspec: str, log: logging.Logger | Any) -> None:
@@ -284,10 +274,18 @@ def retire_pools(kernelspec: str, log: logging.Logger | Any) -> None:
     for key, pool in list(_pools.items()):
         if key[0] == kernelspec and pool.loop is _loop():
             log.info("kernelspec %s: pool_size is 0 now; closing its pool", kernelspec)
-            del _pools[key]
-            task = pool.loop.create_task(pool.close())
-            _closing.add(task)
-            task.add_done_callback(_closing.discard)
+            _close_later(key)
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def _close_later(key: tuple[str, str]) -> None:
+    """Take the pool out of use now; its kernels go in the background."""
+    pool = _pools.pop(key)
+    task = pool.loop.create_task(pool.close())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 def waiting_in_this_process() -> int:

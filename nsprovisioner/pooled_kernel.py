@@ -29,7 +29,6 @@ import dataclasses
 import json
 import os
 import secrets
-import shutil
 import socket
 import time
 import uuid
@@ -40,7 +39,7 @@ from typing import Any
 from jupyter_client.connect import write_connection_file
 
 from .ipcdir import endpoint as socket_endpoint
-from .ipcdir import expose_only, make_socket_dir, remove_socket_dir
+from .ipcdir import expose_only, make_socket_dir, remove_socket_dir, remove_tree
 from .jupyter_log import warnings_of_launch
 from .kernelsandbox import hide_runtime_dirs
 from .mounts import PathPins
@@ -152,9 +151,7 @@ class PooledKernel:
             raise OSError(f"it answered {answer!r}")
 
     def remove_runtime_dir(self) -> None:
-        if os.path.isdir(self.runtime_dir):
-            os.chmod(self.runtime_dir, 0o700)
-            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        remove_tree(self.runtime_dir)
 
     def has_exited(self) -> bool:
         """Whether its init has exited, without reaping it (its pidfd is readable then)."""
@@ -200,26 +197,24 @@ async def start_pooled_kernel(target: Target) -> PooledKernel:
     name = f"pool{secrets.token_hex(6)}"
     socket_dir = make_socket_dir(name)
     runtime_dir = socket_dir + RUNTIME_SUFFIX
-    os.mkdir(runtime_dir, 0o700)
-    os.chmod(runtime_dir, 0o111)
-    spec = hide_runtime_dirs(target.spec, target.hidden_dirs)
-    spec = dataclasses.replace(
-        spec, readonly_paths=(*spec.readonly_paths, target.connection_dir))
-    spec = expose_only(spec, socket_dir)
-    # its connection file, shown at the runtime dir's path inside: ipc sockets
-    # in its socket dir and a key of its own, that no session has seen
-    own_file = os.path.join(runtime_dir, f"kernel-{name}.json")
-    os.chmod(runtime_dir, 0o700)
-    _, written = write_connection_file(
-        own_file, ip=socket_endpoint(socket_dir), key=str(uuid.uuid4()).encode(),
-        transport="ipc", signature_scheme="hmac-sha256", kernel_name=target.kernel_name)
-    os.chmod(runtime_dir, 0o111)
-    info: dict[str, Any] = dict(written)
-    info["key"] = info["key"].encode()  # as KernelManager.get_connection_info has it
-    inside = os.path.join(target.connection_dir, os.path.basename(own_file))
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pins = PathPins()
     try:
+        os.mkdir(runtime_dir, 0o700)
+        spec = hide_runtime_dirs(target.spec, target.hidden_dirs)
+        spec = dataclasses.replace(
+            spec, readonly_paths=(*spec.readonly_paths, target.connection_dir))
+        spec = expose_only(spec, socket_dir)
+        # its connection file, shown at the runtime dir's path inside: ipc sockets
+        # in its socket dir and a key of its own, that no session has seen
+        own_file = os.path.join(runtime_dir, f"kernel-{name}.json")
+        _, written = write_connection_file(
+            own_file, ip=socket_endpoint(socket_dir), key=str(uuid.uuid4()).encode(),
+            transport="ipc", signature_scheme="hmac-sha256", kernel_name=target.kernel_name)
+        os.chmod(runtime_dir, 0o111)  # unlistable, as a fresh sandbox's hidden runtime dir
+        info: dict[str, Any] = dict(written)
+        info["key"] = info["key"].encode()  # as KernelManager.get_connection_info has it
+        inside = os.path.join(target.connection_dir, os.path.basename(own_file))
+        pins = PathPins()
         argv = [target.python, "-c", ZYGOTE_SOURCE, target.module,
                 *(inside if a == CONNECTION_FILE else a for a in target.args)]
         with warnings_of_launch() as left_out:
@@ -230,8 +225,7 @@ async def start_pooled_kernel(target: Target) -> PooledKernel:
                                bind_sources={target.connection_dir: runtime_dir})
     except BaseException:
         ours.close()
-        os.chmod(runtime_dir, 0o700)
-        shutil.rmtree(runtime_dir, ignore_errors=True)
+        remove_tree(runtime_dir)
         remove_socket_dir(socket_dir)
         raise
     finally:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import stat
 import time
@@ -36,6 +35,7 @@ from .ipcdir import (
     make_socket_dir,
     record_connection_file,
     remove_socket_dir,
+    remove_tree,
     sweep_dead_servers,
 )
 from .jupyter_log import mark_logged, route_library_log, warnings_of_launch
@@ -355,21 +355,23 @@ class NamespaceProvisioner(LocalProvisioner):
             if started_here:
                 ForegroundStarts.end()
             raise
-        for warning in left_out:
-            events.record(self.kernel_id, self.kernelspec_name, DEGRADED, warning)
-        proc.add_exit_callback(self._report_exit)
-        self.sandbox = proc
+        self.sandbox = proc  # first: whatever fails below, shutdown finds the kernel
         self.sandbox_pid = proc.pid
-        relayed = {name: getattr(proc, name) for name, asked in
-                   (("stdout", stdio[0]), ("stderr", stdio[1])) if asked not in (PIPE, DEVNULL)}
-        self.relay = OutputRelay(self.log, self.kernel_id, relayed) if relayed else None
-        if pool is not None:
-            # a request no pooled kernel could serve leaves the pool as it is
-            pool.want(target or pool.target, self.resolve_pool_size(), self.log)
-        if started_here:
-            try:
+        try:
+            for warning in left_out:
+                events.record(self.kernel_id, self.kernelspec_name, DEGRADED, warning)
+            proc.add_exit_callback(self._report_exit)
+            relayed = {name: getattr(proc, name) for name, asked in
+                       (("stdout", stdio[0]), ("stderr", stdio[1]))
+                       if asked not in (PIPE, DEVNULL)}
+            self.relay = OutputRelay(self.log, self.kernel_id, relayed) if relayed else None
+            if pool is not None:
+                # a request no pooled kernel could serve leaves the pool as it is
+                pool.want(target or pool.target, self.resolve_pool_size(), self.log)
+            if started_here:
                 await self._until_listening(proc)
-            finally:
+        finally:
+            if started_here:  # or the pool's refills would wait for it for ever
                 ForegroundStarts.end()
         return self.connection_info
 
@@ -525,9 +527,7 @@ class NamespaceProvisioner(LocalProvisioner):
     async def cleanup(self, restart: bool = False) -> None:
         await super().cleanup(restart=restart)
         if self.pool_runtime_dir is not None:  # the pooled kernel's copy of the connection file
-            if os.path.isdir(self.pool_runtime_dir):
-                os.chmod(self.pool_runtime_dir, 0o700)
-                shutil.rmtree(self.pool_runtime_dir, ignore_errors=True)
+            remove_tree(self.pool_runtime_dir)
             self.pool_runtime_dir = None
         if self.sandbox is not None and self.sandbox.poll() is not None:
             self._close_output()

@@ -353,6 +353,92 @@ def test_a_pooled_kernel_that_dies_waiting_is_replaced_not_served(
     assert any("died while waiting" in r.getMessage() for r in caplog.records)
 
 
+def test_a_pooled_kernel_that_cannot_start_leaves_nothing_and_the_pool_short(
+        kernels: Path, monkeypatch: pytest.MonkeyPatch, no_leaks: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The pool's starts fail in the helper (its mount step, the fault switch):
+    the ordinary start still works, the failure is logged, and neither a process
+    nor a socket dir, runtime dir or connection file of the failed starts is left."""
+    from nsprovisioner import pooled_kernel
+
+    real_spawn = pooled_kernel.spawn
+
+    async def failing_spawn(*args: Any, **kw: Any) -> Any:
+        return await real_spawn(*args, _fault_step="mount", **kw)
+
+    monkeypatch.setattr(pooled_kernel, "spawn", failing_spawn)
+
+    async def main() -> None:
+        try:
+            km, kc = await start(kernels, "/a.ipynb")
+            assert not km.provisioner.pooled
+            assert (await execute_ok(kc, "print(6 * 7)")).strip() == "42"
+            filling = the_pool()._filling
+            assert filling is not None
+            await asyncio.wait_for(filling, 60 * SLOWDOWN)
+            assert not the_pool().waiting
+            server_dir = os.path.dirname(km.provisioner.socket_dir)
+            assert [e for e in os.listdir(server_dir) if e.startswith("pool")] == []
+            await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+    assert any("could not start" in r.getMessage() and "mount" in r.getMessage()
+               for r in caplog.records), caplog.text
+
+
+REACH = """
+import json, os, socket
+found = {}
+for path in PATHS:
+    try:
+        os.stat(path)
+        found[path] = 'visible'
+    except OSError as e:
+        found[path] = e.strerror
+for path in SOCKETS:
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path)
+        found[path] = 'connected'
+    except OSError as e:
+        found[path] = e.strerror
+    finally:
+        s.close()
+print(json.dumps(found))
+"""
+
+
+def test_a_notebook_cannot_reach_the_kernels_waiting_in_its_pool(kernels: Path,
+                                                                  no_leaks: None) -> None:
+    """A waiting kernel is the next notebook's: with its key and a socket, a
+    notebook could run code in that notebook's kernel once it is handed out. From a
+    pooled kernel and a fresh one of the same kernelspec, none of the waiting
+    kernels' sockets, socket dirs, runtime dirs or connection files can be found
+    or connected to."""
+    async def main() -> None:
+        try:
+            fresh = await start(kernels, "/a.ipynb")  # makes the pool
+            await filled(2)
+            pooled = await start(kernels, "/b.ipynb")
+            assert pooled[0].provisioner.pooled
+            await filled(2)
+            waiting = the_pool().waiting
+            sockets = [f"{k.connection_info['ip']}-{k.connection_info[key]}" for k in waiting
+                       for key in ("shell_port", "iopub_port", "stdin_port", "control_port",
+                                   "hb_port")]
+            assert all(os.path.exists(p) for p in sockets)  # they are there, on the host
+            paths = [p for k in waiting for p in (k.socket_dir, k.runtime_dir, k.own_file)]
+            code = f"PATHS = {paths!r}\nSOCKETS = {sockets!r}\n" + REACH
+            for km, kc in (fresh, pooled):
+                found = json.loads(await execute_ok(kc, code))
+                assert set(found.values()) <= {"No such file or directory"}, found
+                await stop(km, kc)
+        finally:
+            await finish()
+    run(main())
+
+
 # ---- a real jupyter_server -----------------------------------------------------------
 
 def cgroups_named(part: str) -> list[str]:
@@ -400,7 +486,7 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path
     # the pooled kernel died with the server (PR_SET_PDEATHSIG), nothing runs in its name
     deadline = time.monotonic() + 10
     while any(p for p in Path("/proc").iterdir() if p.name.isdigit() and
-              waiting[0] in _cmdline_or_cgroup(p)):
+              waiting[0] in _cgroup_of(p)):
         assert time.monotonic() < deadline, "a pooled kernel outlived its server"
         time.sleep(0.2)
     # after SIGKILL the next server sweeps what this one left: sockets, copies of
@@ -414,7 +500,7 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path
     assert not cgroups_named(waiting[0])
 
 
-def _cmdline_or_cgroup(p: Path) -> str:
+def _cgroup_of(p: Path) -> str:
     try:
         return (p / "cgroup").read_text()
     except OSError:
