@@ -27,15 +27,9 @@ from typing import Any
 from .cgroupfs import process_start_time
 from .errors import SandboxError
 from .ipcdir import SERVER_DIR_RE, sockets_parent
-from .pooled_kernel import (
-    CANT_SHOW_AS,
-    RAN_STARTUP_CODE,
-    RUNTIME_SUFFIX,
-    PooledKernel,
-    Target,
-    start_pooled_kernel,
-)
+from .pooled_kernel import RUNTIME_SUFFIX, PooledKernel, Target, start_pooled_kernel
 from .sandbox import SandboxSpec
+from .zygote import CANT_SHOW_AS, RAN_STARTUP_CODE  # what it says instead of "ready"
 
 # Refills wait until every ordinary start's kernel listens, and this long after
 # the last one did or the last hand-out (ForegroundStarts).

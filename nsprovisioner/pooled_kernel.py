@@ -46,6 +46,7 @@ from .mounts import PathPins
 from .process import SandboxProcess
 from .sandbox import SandboxSpec, check_env
 from .spawn import PIPE, command_env, spawn
+from .zygote import HANDED_OUT  # its answer to the request (the protocol is declared there)
 
 # The kernel modules a pooled sandbox can become (the argv `python -m MODULE ...`).
 MODULES = ("ipykernel_launcher", "ipykernel")
@@ -53,9 +54,6 @@ MODULES = ("ipykernel_launcher", "ipykernel")
 CONNECTION_FILE = "{connection_file}"
 # Set per request, read by the kernel only once it runs: not part of a Target.
 LATE_ENV = frozenset({"JPY_SESSION_NAME"})
-CANT_SHOW_AS = b"no-mm-map"  # what zygote.py says instead of "ready" when it can't
-RAN_STARTUP_CODE = b"startup-code:"  # ... when its init ran code in the user namespace
-HANDED_OUT = b"handed-out"  # its answer to the request
 HAND_OUT_WAIT = 5.0  # seconds the answer may take at most (it takes well under 1 ms)
 RUNTIME_SUFFIX = ".pool-runtime"  # a waiting kernel's runtime dir
 HANDED_OUT_SUFFIX = ".kernel-runtime"  # renamed at hand-out (the bind inside follows)
