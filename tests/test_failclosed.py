@@ -47,6 +47,16 @@ WHO_AM_I = ("import json, os; print(json.dumps({'ns': {n: os.readlink(f'/proc/se
 SLEEP = "import time; print('go', flush=True); time.sleep(60)"
 
 
+def printed_go(msg: dict[str, Any], msg_id: str) -> bool:
+    """Whether `msg` is SLEEP's "go": its cell runs, a SIGINT now interrupts it.
+
+    Not any stream message: the kernel may write to stderr before the cell runs
+    (IPython's history thread does, for one), and a SIGINT that lands in ipykernel's
+    own code before the cell runs is swallowed there, with no execute_reply."""
+    return (msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id
+            and msg["content"]["name"] == "stdout" and "go" in msg["content"]["text"])
+
+
 @pytest.fixture
 def pids_controller() -> None:
     """The limit these tests read back needs the pids controller (CI delegates it)."""
@@ -189,7 +199,7 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
 
         # interrupt_mode "signal": the client's SIGINT goes to the launcher
         msg_id = kc.execute(SLEEP)
-        while kc.get_iopub_msg(timeout=10)["msg_type"] != "stream":
+        while not printed_go(kc.get_iopub_msg(timeout=10), msg_id):
             pass  # until the cell runs: a SIGINT before that may not reach it
         os.kill(proc.pid, signal.SIGINT)
         reply = kc.get_shell_msg(timeout=10)
@@ -250,7 +260,7 @@ def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path,
             assert not any(MODULE in cmdline(p) for p in children(os.getpid()))
 
             msg_id = kc.execute(SLEEP)
-            while (await kc.get_iopub_msg(timeout=10))["msg_type"] != "stream":
+            while not printed_go(await kc.get_iopub_msg(timeout=10), msg_id):
                 pass
             await km.interrupt_kernel()
             # (wait_for_ready may have left a kernel_info reply queued first)
