@@ -455,15 +455,15 @@ def test_a_server_hands_out_culls_and_leaves_nothing_when_it_ends(tmp_path: Path
     (tmp_path / "root").mkdir()
     log = tmp_path / "server.log"
     server, url = start_jupyter(tmp_path, TOKEN, log, "--MappingKernelManager.cull_idle_timeout=3",
-                                "--MappingKernelManager.cull_interval=1")
+                                "--MappingKernelManager.cull_interval=1",
+                                "--ServerApp.log_level=DEBUG")  # for the pool's "ready"
     try:
         first = request("POST", url + "/api/kernels", {"name": POOLED})[1]["id"]
         deadline = time.monotonic() + 60
         pool_dirs = os.path.join(sockets_parent(), f"server-{server.pid}-*", "*.pool-runtime")
-        while not glob.glob(pool_dirs):
-            assert time.monotonic() < deadline, log.read_text()
+        while not glob.glob(pool_dirs) or f"({POOLED}) ready after" not in log.read_text():
+            assert time.monotonic() < deadline, log.read_text()  # a start would miss the pool
             time.sleep(0.2)
-        time.sleep(1)  # its imports
         # doctor counts it: one waiting kernel of this server
         assert waiting_on_host().get(server.pid) == 1
         assert "1 waiting (1 in server" in check_pools(HostFacts(
