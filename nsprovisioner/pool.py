@@ -186,7 +186,7 @@ class KernelPool:
         (Also the pidfd's reader: readable once the init exited.)"""
         if kernel not in self.waiting:
             return False
-        if kernel.proc.returncode is None and not kernel.has_exited():
+        if not kernel.proc.exited():
             return True
         self._unwatch(kernel)  # before poll() reaps the init and closes its pidfd
         status = kernel.proc.poll()

@@ -151,14 +151,6 @@ class PooledKernel:
     def remove_runtime_dir(self) -> None:
         remove_tree(self.runtime_dir)
 
-    def has_exited(self) -> bool:
-        """Whether its init has exited, without reaping it (its pidfd is readable then)."""
-        try:
-            return os.waitid(os.P_PIDFD, self.proc.pidfd,
-                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-        except ChildProcessError:
-            return True
-
     async def reap(self, keep_socket_dir: bool) -> None:
         """Once killed: wait for its init, then remove its files."""
         await self.proc.wait()
@@ -169,22 +161,9 @@ class PooledKernel:
 
     def kill_now(self) -> None:
         """Without an event loop (at exit, or the loop is gone): kill, reap and remove
-        synchronously. No worker thread: at exit the executors take no more work."""
+        synchronously."""
         self.channel.close()
-        proc = self.proc
-        if proc.pidfd >= 0:
-            proc.kill()
-            try:
-                os.waitid(os.P_PIDFD, proc.pidfd, os.WEXITED)  # SIGKILL: at once
-            except ChildProcessError:
-                pass  # reaped already
-            os.close(proc.pidfd)
-            proc.pidfd = -1
-        if proc.cgroup is not None:
-            proc.cgroup.kill_and_remove()
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
+        self.proc.kill_now()
         self.remove_runtime_dir()
         remove_socket_dir(self.socket_dir)
 

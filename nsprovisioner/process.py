@@ -81,6 +81,33 @@ class SandboxProcess:
         if self.cgroup is not None:
             self._cgroup_removed = self.cgroup.remove_in_background()
 
+    def exited(self) -> bool:
+        """Whether the init has exited, without reaping it: its pidfd stays open (an
+        event loop may still be watching it) until poll() or wait() reaps it."""
+        if self.returncode is not None:
+            return True
+        try:
+            return os.waitid(os.P_PIDFD, self.pidfd,
+                             os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+        except ChildProcessError:
+            return True
+
+    def kill_now(self) -> None:
+        """SIGKILL the init, reap it and remove its cgroup here and now: for when no
+        event loop is left, or no worker thread (at exit the executors take no more
+        work, and poll() would hand the cgroup to one)."""
+        cgroup, self.cgroup = self.cgroup, None
+        if self.returncode is None:
+            self.kill()
+            try:  # SIGKILL: at once; poll() then reaps it with its status
+                os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED | os.WNOWAIT)
+            except ChildProcessError:
+                pass  # reaped by someone else: poll() says so
+            self.poll()
+        if cgroup is not None:
+            cgroup.kill_and_remove()
+        self.close_pipes()
+
     async def wait(self) -> int:
         """Wait for the init to exit (and its cgroup to be removed); its returncode."""
         while self.poll() is None:

@@ -16,6 +16,7 @@ import textwrap
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,7 +25,7 @@ from nsprovisioner.cgroup_layout import sweep_stale_cgroups
 from nsprovisioner.errors import STEP_NAMES
 from nsprovisioner.idmap import subordinate_ranges
 
-from .conftest import child_processes, open_fds, run
+from .conftest import child_processes, open_fds, require_limit, run
 
 NAMESPACES = ("pid", "user", "mnt", "ipc", "uts", "cgroup")
 ROOT = os.geteuid() == 0
@@ -287,6 +288,39 @@ def test_process_handle_is_race_free_after_exit(no_leaks: None) -> None:
         proc.send_signal(signal.SIGTERM)  # after reaping: a no-op, never another process
         proc.kill()
     run(main())
+
+
+def test_exited_does_not_reap_and_kill_now_needs_no_event_loop(no_leaks: None) -> None:
+    """What a pool's at-exit cleanup relies on: exited() sees an exit and leaves
+    reaping to poll(); kill_now(), with the spawning loop gone, kills the sandbox
+    and reaps it, and removes its cgroup and pipes, before it returns."""
+    spec = SandboxSpec(pids_limit=64)
+    require_limit(spec, "pids")
+
+    async def start(argv: list[str]) -> Any:
+        return await spawn(spec, argv, stdout=PIPE)
+
+    proc = run(start(["true"]))
+    deadline = time.monotonic() + 10
+    while not proc.exited():
+        assert time.monotonic() < deadline, "exited() never saw the sandbox exit"
+        time.sleep(0.01)
+    assert proc.returncode is None and proc.pidfd >= 0  # not reaped: still ours to poll()
+    assert proc.poll() == 0 and proc.exited()
+    proc.close_pipes()
+
+    proc = run(start(["sh", "-c", "readlink /proc/self/ns/pid; exec sleep 300"]))
+    assert proc.stdout is not None
+    ns = proc.stdout.readline().decode().strip()
+    cgroups = list(proc.cgroup.paths) if proc.cgroup is not None else []
+    assert cgroups and all(os.path.isdir(d) for d in cgroups)
+    assert not proc.exited()
+    proc.kill_now()  # no event loop here
+    assert proc.returncode == -signal.SIGKILL and proc.pidfd == -1
+    assert processes_in_pid_ns(ns) == []
+    assert not [d for d in cgroups if os.path.exists(d)]
+    assert proc.stdout.closed
+    proc.kill_now()  # again: nothing left to do
 
 
 def mappings() -> int:
