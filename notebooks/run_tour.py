@@ -42,7 +42,9 @@ def run_tour(kernel: str, output: Path, timeout: int = 60) -> dict[str, object]:
     km = AsyncKernelManager(kernel_name=kernel, kernel_spec_manager=kernelspec_manager(kernel))
     client = NotebookClient(nb, km=km, timeout=timeout,
                             resources={"metadata": {"path": os.getcwd()}})
-    client.execute()
+    # cleanup_kc: shut the kernel down at the end; NotebookClient does that only
+    # for a kernel manager it made itself, and ours was passed in
+    client.execute(cleanup_kc=True)
     nbformat.write(nb, output)
     last = nb.cells[-1].outputs[-1]
     summary: dict[str, object] = json.loads(last["text"])

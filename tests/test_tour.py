@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from nsprovisioner.ipcdir import sockets_parent
 from nsprovisioner.sandbox import DEFAULT_NPROC_LIMIT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,11 +23,15 @@ def test_tour_shows_the_sandbox_from_inside(tmp_path: Path) -> None:
     env = {**os.environ, "JUPYTER_PATH": str(ROOT / "share" / "jupyter"),
            "JUPYTER_TOKEN": "must-not-leak"}
     output = tmp_path / "tour.executed.ipynb"
-    result = subprocess.run([sys.executable, str(ROOT / "notebooks" / "run_tour.py"),
-                             "--output", str(output)], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=100, check=False)
-    assert result.returncode == 0, result.stderr
-    assert "PID 1: nsinit" in result.stdout
+    runner = subprocess.Popen([sys.executable, str(ROOT / "notebooks" / "run_tour.py"),
+                               "--output", str(output)], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = runner.communicate(timeout=100)
+    assert runner.returncode == 0, stderr
+    assert "PID 1: nsinit" in stdout
+    # the runner shut its kernel down: a kernel left to die with it (PR_SET_PDEATHSIG)
+    # leaves its init for the host's init to reap, and its socket dir for the next sweep
+    assert not glob.glob(os.path.join(sockets_parent(), f"server-{runner.pid}-*"))
     nb = nbformat.read(output, as_version=4)
     assert all(cell.get("outputs", []) == [] or not any(o["output_type"] == "error"
                                                         for o in cell["outputs"])
