@@ -138,6 +138,22 @@ async def first_kernel_info(kc: Any) -> None:
         pass
 
 
+async def printed_go(kc: Any, msg_id: str, name: str) -> bool:
+    """Whether the next iopub message is the cell's own "go" on stdout: the cell runs,
+    and a SIGINT interrupts it. Any other stream message (the kernel may write to stderr
+    before the cell runs) is shown, not taken for it: a SIGINT that lands in ipykernel's
+    own code before the cell runs is swallowed there, and no execute_reply comes."""
+    msg = await kc.get_iopub_msg(timeout=10)
+    if msg["msg_type"] != "stream":
+        return False
+    content, parent = msg["content"], msg["parent_header"]
+    if parent.get("msg_id") == msg_id and content["name"] == "stdout" and "go" in content["text"]:
+        return True
+    print(f"{name}: before the cell's output, on {content['name']}: {content['text']!r}",
+          file=sys.stderr)
+    return False
+
+
 async def one_kernel(ksm: KernelSpecManager, name: str) -> dict[str, float]:
     await pool_ready(2, name)
     km = manager(ksm, name)
@@ -154,11 +170,9 @@ async def one_kernel(ksm: KernelSpecManager, name: str) -> dict[str, float]:
         # the pool's refill after a hand-out takes a core for a kernel's start: the
         # interrupt of a pooled kernel is measured once it is done, as the others'
         await pool_ready(2, name)
-        kc.execute("import time; print('go', flush=True); time.sleep(30)")
-        while True:
-            msg = await kc.get_iopub_msg(timeout=10)
-            if msg["msg_type"] == "stream":
-                break
+        msg_id = kc.execute("import time; print('go', flush=True); time.sleep(30)")
+        while not await printed_go(kc, msg_id, name):
+            pass
         begin = time.perf_counter()
         await km.interrupt_kernel()
         try:
