@@ -82,7 +82,10 @@ class Channels:
         self.ws = ws
         self.session = uuid.uuid4().hex
 
-    async def execute(self, code: str, timeout: float = 15) -> tuple[str, str]:
+    async def execute(self, code: str, timeout: float = 15,
+                      printed: asyncio.Event | None = None) -> tuple[str, str]:
+        """Run `code`: its reply's status and its output; `printed` is set once the
+        code's own output arrives (then it runs, and a SIGINT interrupts it)."""
         msg_id = uuid.uuid4().hex
         await self.ws.write_message(json.dumps({
             "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "test",
@@ -99,6 +102,8 @@ class Channels:
                 continue
             if msg["msg_type"] == "stream":
                 out.append(msg["content"]["text"])
+                if printed is not None:
+                    printed.set()
             elif msg["msg_type"] == "execute_reply":
                 status = msg["content"]["status"]
             elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
@@ -133,8 +138,10 @@ def test_rest_and_websocket_lifecycle_in_the_sandbox(server: str, name: str) -> 
             assert (status, pid1, token_seen) == ("ok", "nsinit", "False")
             assert pidns != os.readlink("/proc/self/ns/pid")
             begin = time.monotonic()
-            running = asyncio.ensure_future(ch.execute("import os; os.system('sleep 30')", 20))
-            await asyncio.sleep(1.0)
+            printed = asyncio.Event()
+            running = asyncio.ensure_future(ch.execute(
+                "import os; print('sleeping', flush=True); os.system('sleep 30')", 20, printed))
+            await asyncio.wait_for(printed.wait(), 15)
             assert request("POST", f"{server}/api/kernels/{kid}/interrupt")[0] == 204
             await running
             assert time.monotonic() - begin < 8
