@@ -43,8 +43,11 @@ READY_TIMEOUT = 30
 WHO_AM_I = ("import json, os; print(json.dumps({'ns': {n: os.readlink(f'/proc/self/ns/{n}') "
             "for n in ('pid', 'user', 'net')}, 'pid': os.getpid(), 'env': sorted(os.environ)}))")
 
-# a cell that says when it runs, then runs until interrupted
-SLEEP = "import time; print('go', flush=True); time.sleep(60)"
+# a cell that says when it runs, then runs until interrupted. In short sleeps: a
+# process-directed SIGINT may be taken by one of the kernel's other threads, and
+# CPython runs the handler in the main thread only once its blocking call returns
+# (1 in 60 interrupts of LocalProvisioner kernels here came back after a 30 s sleep)
+SLEEP = "import time\nprint('go', flush=True)\nfor _ in range(600): time.sleep(0.1)"
 
 
 def printed_go(msg: dict[str, Any], msg_id: str) -> bool:

@@ -278,7 +278,8 @@ def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
             km, kc = await start(kernels, "/a.ipynb")
             assert km.provisioner.pooled
             # stop_on_error=False: the next request is not aborted for the interrupt
-            msg_id = kc.execute("import time; print('sleeping', flush=True); time.sleep(30)",
+            msg_id = kc.execute("import time\nprint('sleeping', flush=True)\n"
+                                "for _ in range(300): time.sleep(0.1)",  # test_failclosed.SLEEP
                                 stop_on_error=False)
             while True:
                 msg = await kc.get_iopub_msg(timeout=10)
