@@ -9,6 +9,8 @@
 #   VENV        the project's venv, installed (default /opt/nsprovisioner-venv)
 #   VNG_VENV    virtme-ng's own venv (default /opt/virtme-ng-venv)
 #   VM_KERNEL   the kernel image to boot (default: the newest /boot/vmlinuz-*)
+#   VM_BOOT_WAIT  seconds to wait for the guest's first line before it is
+#               killed and booted once more (default 180)
 # Exits with the guest's status; the tests' output is shown as they run.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
