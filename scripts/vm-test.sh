@@ -37,16 +37,12 @@ kernel=${VM_KERNEL:-$(ls -v /boot/vmlinuz-* 2>/dev/null | tail -n 1)}
 # The test copy: /tmp is an overlay in the VM, so the guest sees it as made
 # here and may chown it to its test user without touching this machine.
 WORK=$(mktemp -d /tmp/nsprov-vm-tests.XXXXXX)
-trap 'rm -rf "$WORK"' EXIT
+trap 'rm -rf "$WORK" "$WORK.out"' EXIT
 cp -r "$REPO/tests" "$REPO/notebooks" "$REPO/share" "$REPO/csrc" "$REPO/scripts" "$WORK/"
 cp "$REPO/pyproject.toml" "$WORK/"
 chmod -R a+rX "$WORK" "$VENV"
 echo "== vm: setup $(( SECONDS - start )) s; booting $kernel (qemu without KVM)"
 
-# virtme-ng finds its helpers (virtme-run ...) on PATH. The VM gets both CPUs
-# of a 2-core CI machine: the cpu limit test needs two to tell 0.5 from busy.
-# Through a pipe: qemu opens /proc/self/fd/1 (and 2) anew, with O_TRUNC, which
-# on a log file would erase everything CI wrote before.
 # The pid and every descendant of it (vng, virtme-run and qemu don't take their
 # children with them when they die).
 tree() {
@@ -63,8 +59,14 @@ BOOT_WAIT=${VM_BOOT_WAIT:-180}
 boot() {
     local out="$WORK.out" vm waited=0 rc=0
     : >"$out"
-    PATH="$VNG_VENV/bin:$PATH" timeout 1200 vng --disable-kvm --run "$kernel" --memory 4G \
-        --cpus 2 --cwd "$WORK" -- bash "$WORK/scripts/vm-guest.sh" "$VENV" "$WORK" >"$out" 2>&1 &
+    # virtme-ng finds its helpers (virtme-run ...) on PATH. The VM gets both CPUs
+    # of a 2-core CI machine: the cpu limit test needs two to tell 0.5 from busy.
+    # Through a pipe: qemu opens /proc/self/fd/1 (and 2) anew, with O_TRUNC, which
+    # on a file would erase what came before. (pipefail: the subshell's status
+    # is vng's.)
+    (PATH="$VNG_VENV/bin:$PATH" timeout 1200 vng --disable-kvm --run "$kernel" --memory 4G \
+        --cpus 2 --cwd "$WORK" -- bash "$WORK/scripts/vm-guest.sh" "$VENV" "$WORK" 2>&1 |
+        cat >>"$out") &
     vm=$!
     while ! grep -q "^== vm: " "$out" && kill -0 "$vm" 2>/dev/null; do
         if [ "$waited" -ge "$BOOT_WAIT" ]; then

@@ -17,6 +17,14 @@ T = TypeVar("T")
 # kernel starts: scripts/vm-guest.sh sets it in its VM (qemu without KVM).
 SLOWDOWN = float(os.environ.get("NSPROV_TEST_SLOWDOWN", "1"))
 
+# A cell that prints "sleeping" once it runs, then runs until interrupted (60 s).
+# In short sleeps: a process-directed SIGINT may be taken by one of the kernel's
+# other threads, and CPython runs the handler in the main thread only once its
+# blocking call returns (1 in 60 interrupts of LocalProvisioner kernels here came
+# back only after a 30 s sleep); the tests that wait less than 60 s for the reply
+# still fail if the interrupt doesn't reach the kernel.
+INTERRUPTIBLE = "import time\nprint('sleeping', flush=True)\nfor _ in range(600): time.sleep(0.1)"
+
 # Python source the boundary probes run inside a sandbox (a command, a CLI
 # run, a kernel) before their checks: err() gives errno names instead of
 # exceptions (None when the call works).

@@ -32,7 +32,7 @@ from nsprovisioner.cgroupfs import CgroupHost
 from nsprovisioner.cli import main as cli_main
 from nsprovisioner.kernel_launcher import MODULE, kernel_argv, wrap_argv
 
-from .conftest import require_limit, run, stop_process
+from .conftest import INTERRUPTIBLE, require_limit, run, stop_process
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -43,21 +43,16 @@ READY_TIMEOUT = 30
 WHO_AM_I = ("import json, os; print(json.dumps({'ns': {n: os.readlink(f'/proc/self/ns/{n}') "
             "for n in ('pid', 'user', 'net')}, 'pid': os.getpid(), 'env': sorted(os.environ)}))")
 
-# a cell that says when it runs, then runs until interrupted. In short sleeps: a
-# process-directed SIGINT may be taken by one of the kernel's other threads, and
-# CPython runs the handler in the main thread only once its blocking call returns
-# (1 in 60 interrupts of LocalProvisioner kernels here came back after a 30 s sleep)
-SLEEP = "import time\nprint('go', flush=True)\nfor _ in range(600): time.sleep(0.1)"
 
 
 def printed_go(msg: dict[str, Any], msg_id: str) -> bool:
-    """Whether `msg` is SLEEP's "go": its cell runs, a SIGINT now interrupts it.
+    """Whether `msg` is INTERRUPTIBLE's "sleeping": its cell runs, a SIGINT now interrupts it.
 
     Not any stream message: the kernel may write to stderr before the cell runs
     (IPython's history thread does, for one), and a SIGINT that lands in ipykernel's
     own code before the cell runs is swallowed there, with no execute_reply."""
     return (msg["msg_type"] == "stream" and msg["parent_header"].get("msg_id") == msg_id
-            and msg["content"]["name"] == "stdout" and "go" in msg["content"]["text"])
+            and msg["content"]["name"] == "stdout" and "sleeping" in msg["content"]["text"])
 
 
 @pytest.fixture
@@ -201,7 +196,7 @@ def test_direct_launch_runs_the_kernel_in_its_sandbox_with_its_limits(
         assert limits == [str(PIDS_LIMIT)]
 
         # interrupt_mode "signal": the client's SIGINT goes to the launcher
-        msg_id = kc.execute(SLEEP)
+        msg_id = kc.execute(INTERRUPTIBLE)
         while not printed_go(kc.get_iopub_msg(timeout=10), msg_id):
             pass  # until the cell runs: a SIGINT before that may not reach it
         os.kill(proc.pid, signal.SIGINT)
@@ -262,7 +257,7 @@ def test_under_the_provisioner_the_argv_gives_one_sandbox(kernels: Path,
             assert not any(cmdline(p)[0].startswith("nsinit") for p in children(kernel))
             assert not any(MODULE in cmdline(p) for p in children(os.getpid()))
 
-            msg_id = kc.execute(SLEEP)
+            msg_id = kc.execute(INTERRUPTIBLE)
             while not printed_go(await kc.get_iopub_msg(timeout=10), msg_id):
                 pass
             await km.interrupt_kernel()

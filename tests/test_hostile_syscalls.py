@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import PROBE_HELPERS
+from .conftest import INTERRUPTIBLE, PROBE_HELPERS
 from .hostile import SANDBOXED, ServerProcess, make_host
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,9 +46,8 @@ def test_kernel_cannot_stop_its_init_and_interrupts_keep_working(tmp_path: Path)
     with ServerProcess(host, tmp_path / "server.log") as server:
         kernel = server.ok("start", name=SANDBOXED, cwd=str(host.home / "notebooks"))["id"]
         done = json.loads(server.execute(kernel, STOP_INIT))
-        interrupted = server.ok("interrupt_during", id=kernel, marker="sleeping", code=(
-            # short sleeps: see test_failclosed.SLEEP
-            "import time\nprint('sleeping', flush=True)\nfor _ in range(300): time.sleep(0.1)"))
+        interrupted = server.ok("interrupt_during", id=kernel, marker="sleeping",
+                                code=INTERRUPTIBLE)
     assert interrupted["ename"] == "KeyboardInterrupt", (
         f"an interrupt no longer reaches the kernel after {done}: {interrupted}")
     assert done["init_state"] not in ("T", "t"), f"the init is stopped: {done}"

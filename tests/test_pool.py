@@ -29,7 +29,7 @@ from nsprovisioner.doctor import HostFacts, check_pools
 from nsprovisioner.ipcdir import sockets_parent
 from nsprovisioner.pool import close_pools, waiting_on_host
 
-from .conftest import SLOWDOWN, execute_ok, run
+from .conftest import INTERRUPTIBLE, SLOWDOWN, execute_ok, run
 from .jupyter_process import start_jupyter
 from .test_provisioner import READY_TIMEOUT, manager, until_restarted, write_kernelspec
 from .test_server import TOKEN, request
@@ -278,9 +278,7 @@ def test_interrupt_restart_and_shutdown_of_a_pooled_kernel(kernels: Path,
             km, kc = await start(kernels, "/a.ipynb")
             assert km.provisioner.pooled
             # stop_on_error=False: the next request is not aborted for the interrupt
-            msg_id = kc.execute("import time\nprint('sleeping', flush=True)\n"
-                                "for _ in range(300): time.sleep(0.1)",  # test_failclosed.SLEEP
-                                stop_on_error=False)
+            msg_id = kc.execute(INTERRUPTIBLE, stop_on_error=False)
             while True:
                 msg = await kc.get_iopub_msg(timeout=10)
                 if msg["msg_type"] == "stream" and "sleeping" in msg["content"]["text"]:
